@@ -1,0 +1,1 @@
+"""loraplex engine runtime: model, scheduler, KV cache, adapter tiers (torch)."""

@@ -1,0 +1,1 @@
+"""Batched LoRA math: one interface, a torch reference and Triton kernels."""

@@ -1,0 +1,1 @@
+"""loraplex adapter registry: metadata in SQL, weights in blob storage (no torch)."""

@@ -1,0 +1,1 @@
+"""gRPC servicers, server bootstrap and the loraplex CLI."""
