@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# Backend fixtures (PostgreSQL from local binaries, S3 via a loopback moto server) live in their own module.
+pytest_plugins = ["tests.fixtures.backends"]
+
 
 @pytest.fixture(scope="session")
 def hf_root(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -1,0 +1,110 @@
+"""Torch reference for batched LoRA and paged decode attention: the CPU path and every kernel's oracle.
+
+Semantics are written for clarity, not speed; the Triton kernels must match them exactly (up to float
+rounding). Shapes are given at each contract point.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loraplex.kernels.types import LoRABatch, LoRAModuleWeights
+
+
+def lora_shrink_ref(x: torch.Tensor, batch: LoRABatch, w: LoRAModuleWeights, y: torch.Tensor) -> None:
+    """y[t, :r_s] = x[t] · A_sᵀ for every token t of a segment with slot s; other entries of y are untouched.
+
+    Semantics:
+        for each segment g:  s = seg_slot[g];  r = ranks[s]
+            rows = row_table[s, :r]                      # physical rank-rows of slot s
+            T_g  = token_order[seg_start[g] : seg_start[g] + seg_len[g]]
+            y[T_g, :r] = x[T_g] @ a_rows[rows].T         # x: [T, h_in], a_rows: [P, h_in], y: [T, R]
+    """
+    for g in range(batch.num_segments):
+        s, start, length = batch.segment(g)
+        r = int(w.ranks[s])
+        if r == 0 or length == 0:
+            continue
+        rows = w.row_table[s, :r].long()
+        tokens = batch.token_order[start : start + length].long()
+        y[tokens, :r] = (x[tokens].float() @ w.a_rows[rows].float().T).to(y.dtype)
+
+
+def lora_expand_ref(
+    y: torch.Tensor, batch: LoRABatch, w: LoRAModuleWeights, out: torch.Tensor, out_offset: int = 0
+) -> None:
+    """out[t, off:off+h_out] += scale_s · (y[t, :r_s] · B_sᵀ), in place.
+
+    Semantics:
+        for each segment g:  s = seg_slot[g];  r = ranks[s]
+            rows = row_table[s, :r];  T_g as in shrink
+            out[T_g, off : off + h_out] += scales[s] * (y[T_g, :r] @ b_rows[rows])   # b_rows: [P, h_out]
+    """
+    h_out = w.b_rows.shape[1]
+    for g in range(batch.num_segments):
+        s, start, length = batch.segment(g)
+        r = int(w.ranks[s])
+        if r == 0 or length == 0:
+            continue
+        rows = w.row_table[s, :r].long()
+        tokens = batch.token_order[start : start + length].long()
+        delta = (y[tokens, :r].float() @ w.b_rows[rows].float()) * float(w.scales[s])
+        out[tokens, out_offset : out_offset + h_out] += delta.to(out.dtype)
+
+
+def lora_embedding_ref(token_ids: torch.Tensor, batch: LoRABatch, w: LoRAModuleWeights, out: torch.Tensor) -> None:
+    """Embedding LoRA: out[t] += scale_s · (A_s[:, id_t] · B_sᵀ), where A is stored transposed.
+
+    For ``embed_tokens`` the pool stores ``a_rows`` as ``[P, vocab]`` (row j of slot s is A_s[j, :]), so the
+    shrink step is a column gather instead of a matmul: y[t, j] = a_rows[row_table[s, j], id_t].
+    """
+    h_out = w.b_rows.shape[1]
+    for g in range(batch.num_segments):
+        s, start, length = batch.segment(g)
+        r = int(w.ranks[s])
+        if r == 0 or length == 0:
+            continue
+        rows = w.row_table[s, :r].long()
+        tokens = batch.token_order[start : start + length].long()
+        ids = token_ids[tokens].long()
+        y = w.a_rows[rows][:, ids].float().T  # [n, r]
+        delta = (y @ w.b_rows[rows].float()) * float(w.scales[s])
+        out[tokens, :h_out] += delta.to(out.dtype)
+
+
+def paged_attention_decode_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence attending over its paged KV history (GQA aware).
+
+    Shapes:
+        q:            [B, n_heads, head_dim]
+        k_cache/v_cache: [num_blocks, block_size, n_kv_heads, head_dim]
+        block_tables: int32 [B, max_blocks]   (entries past a sequence's length are ignored)
+        context_lens: int32 [B]               (tokens of history incl. the current one, already written)
+        returns       [B, n_heads, head_dim] in q's dtype
+    Semantics:
+        for b: L = context_lens[b]; slots p < L live at block_tables[b, p // bs], offset p % bs
+               head h reads kv head h // (n_heads // n_kv_heads); softmax(q·kᵀ·scale) · v in fp32
+    """
+    batch_size, n_heads, head_dim = q.shape
+    block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
+    group = n_heads // n_kv
+    out = torch.empty_like(q)
+    for b in range(batch_size):
+        length = int(context_lens[b])
+        n_blocks = (length + block_size - 1) // block_size
+        blocks = block_tables[b, :n_blocks].long()
+        k = k_cache[blocks].reshape(-1, n_kv, head_dim)[:length].float()  # [L, n_kv, d]
+        v = v_cache[blocks].reshape(-1, n_kv, head_dim)[:length].float()
+        k = k.repeat_interleave(group, dim=1)  # [L, n_heads, d]
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
+        probs = torch.softmax(scores, dim=-1)
+        out[b] = torch.einsum("hl,lhd->hd", probs, v).to(q.dtype)
+    return out
