@@ -1,0 +1,165 @@
+"""Domain errors → gRPC status with a ``google.rpc.ErrorInfo``: the one table and the one interceptor.
+
+Why an interceptor: every RPC, unary or streaming, of both services gets the same translation, request-id
+logging and timing without a decorator on each method. Domain code raises ``loraplex.registry.errors`` types;
+anything else is a bug and becomes INTERNAL with its traceback logged (never leaked to the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from loraplex.registry import errors
+from loraplex.services.logs import new_request_id, request_id_var
+
+log = logging.getLogger("loraplex.rpc")
+
+ERROR_DOMAIN = "loraplex.dev"
+
+# Most specific class first: the first isinstance match wins.
+STATUS_TABLE: tuple[tuple[type[errors.LoraplexError], grpc.StatusCode], ...] = (
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.Conflict, grpc.StatusCode.ABORTED),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.Cancelled, grpc.StatusCode.CANCELLED),
+)
+
+
+def status_code_for(exc: errors.LoraplexError) -> grpc.StatusCode:
+    for cls, code in STATUS_TABLE:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def to_rpc_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str]) -> status_pb2.Status:
+    """Build the rich ``google.rpc.Status`` sent in the ``grpc-status-details-bin`` trailer."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    numeric = getattr(code_pb2, code.name)
+    return status_pb2.Status(code=numeric, message=message, details=[detail])
+
+
+def describe(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str, str, dict[str, str]]:
+    """(status code, message, ErrorInfo reason, ErrorInfo metadata) for any exception."""
+    if isinstance(exc, errors.LoraplexError):
+        meta = dict(exc.metadata)
+        meta.setdefault("request_id", request_id)
+        return status_code_for(exc), exc.message, exc.reason, meta
+    return (
+        grpc.StatusCode.INTERNAL,
+        f"internal error (request id {request_id})",
+        "INTERNAL",
+        {"request_id": request_id},
+    )
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    """Abort the RPC with the mapped status; raises (as ``context.abort`` does)."""
+    from grpc_status import rpc_status
+
+    request_id = request_id_var.get()
+    code, message, reason, meta = describe(exc, request_id)
+    status = rpc_status.to_status(to_rpc_status(code, message, reason, meta))
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _method_name(details: grpc.HandlerCallDetails) -> str:
+    return str(getattr(details, "method", "?"))
+
+
+def _request_id_from(details: grpc.HandlerCallDetails) -> str:
+    for key, value in getattr(details, "invocation_metadata", None) or ():
+        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return new_request_id()
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions to statuses and logs one structured line per RPC (method, code, ms, request id)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = _method_name(handler_call_details)
+        request_id = _request_id_from(handler_call_details)
+        if handler.unary_unary or handler.stream_unary:
+            inner = handler.unary_unary or handler.stream_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                token = request_id_var.set(request_id)
+                started = time.perf_counter()
+                try:
+                    result = await inner(request, context)
+                    _log_done(method, "OK", started)
+                    return result
+                except Exception as exc:  # noqa: BLE001 - the point is to map everything
+                    await _fail(method, exc, context, started)
+                finally:
+                    request_id_var.reset(token)
+
+            factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+            return factory(unary, handler.request_deserializer, handler.response_serializer)
+
+        inner_stream = handler.unary_stream or handler.stream_stream
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            token = request_id_var.set(request_id)
+            started = time.perf_counter()
+            try:
+                async for item in inner_stream(request, context):
+                    yield item
+                _log_done(method, "OK", started)
+            except Exception as exc:  # noqa: BLE001
+                await _fail(method, exc, context, started)
+            finally:
+                request_id_var.reset(token)
+
+        factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        return factory(streaming, handler.request_deserializer, handler.response_serializer)
+
+
+def _log_done(method: str, code: str, started: float, reason: str = "") -> None:
+    log.info(
+        "rpc done",
+        extra={"method": method, "code": code, "reason": reason, "ms": round((time.perf_counter() - started) * 1e3, 2)},
+    )
+
+
+async def _fail(method: str, exc: Exception, context: grpc.aio.ServicerContext[Any, Any], started: float) -> None:
+    if isinstance(exc, asyncio.CancelledError):
+        raise exc
+    if _is_abort(exc):
+        _log_done(method, str(context.code() or "ABORTED"), started)
+        raise exc
+    code, _, reason, _ = describe(exc, request_id_var.get())
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("unhandled error in %s", method, exc_info=exc)
+    _log_done(method, code.name, started, reason)
+    await abort_with(context, exc)
+
+
+def _is_abort(exc: BaseException) -> bool:
+    """``context.abort`` raises an internal exception type; let it pass through untouched."""
+    return type(exc).__name__ == "AbortError" or isinstance(exc, grpc.RpcError)

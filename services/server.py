@@ -1,0 +1,131 @@
+"""The gRPC server bootstrap both services share: aio server, health, reflection, interceptors, shutdown.
+
+Why one bootstrap: both services must behave the same way operationally — health NOT_SERVING until ready and
+again during shutdown, reflection listing every service (so grpcurl works), SIGTERM draining in-flight RPCs,
+errors mapped by one interceptor — and a copy per service would drift.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from loraplex.registry.errors import FailedPrecondition
+from loraplex.services.auth import AuthInterceptor, TokenAuthority
+from loraplex.services.errors import ErrorInterceptor
+
+log = logging.getLogger("loraplex.server")
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """One servicer and how to attach it: ``add(servicer, server)`` is the generated ``add_*_to_server``."""
+
+    full_name: str
+    servicer: Any
+    add: Callable[[Any, grpc.aio.Server], None]
+
+
+@dataclass
+class ServerHandle:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: Sequence[str]
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Flip health to NOT_SERVING first so balancers drain, then let in-flight RPCs finish within ``grace``."""
+        if self.stopped.is_set():
+            return
+        await self.set_serving(False)
+        await self.server.stop(grace)
+        self.stopped.set()
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(listen: str, authority: TokenAuthority, insecure: bool) -> None:
+    """Refuse to listen beyond loopback with auth off, unless the operator said ``--insecure``."""
+    if not authority.enabled and not is_loopback(listen) and not insecure:
+        raise FailedPrecondition(
+            f"refusing to listen on {listen} without tokens: configure --tokens-file, bind 127.0.0.1, "
+            "or pass --insecure",
+            reason="INSECURE_LISTEN",
+        )
+
+
+async def start_server(
+    bindings: Sequence[ServiceBinding],
+    listen: str,
+    authority: TokenAuthority,
+    *,
+    insecure: bool = False,
+    serving: bool = True,
+) -> ServerHandle:
+    """Build, bind and start the server; health is SERVING only when ``serving`` (else call ``set_serving``)."""
+    check_exposure(listen, authority, insecure)
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(), AuthInterceptor(authority)], options=SERVER_OPTIONS
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for binding in bindings:
+        binding.add(binding.servicer, server)
+    names = [b.full_name for b in bindings]
+    reflection.enable_server_reflection(
+        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise FailedPrecondition(f"cannot bind {listen}", reason="BIND_FAILED")
+    await server.start()
+    handle = ServerHandle(server=server, port=port, health=health_servicer, service_names=names)
+    await handle.set_serving(serving)
+    return handle
+
+
+async def run_until_signal(handle: ServerHandle, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: health NOT_SERVING → stop accepting → ``on_stop`` cleanup."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    waiter = asyncio.create_task(handle.server.wait_for_termination())
+    signalled = asyncio.create_task(stop_requested.wait())
+    await asyncio.wait({waiter, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("shutting down", extra={"port": handle.port})
+    await handle.stop()
+    if on_stop is not None:
+        await on_stop()
+    for task in (waiter, signalled):
+        task.cancel()
