@@ -1,8 +1,9 @@
 """Typed domain errors shared by the registry and the engine.
 
 Why here: the engine imports the registry (never the reverse) and the registry must stay torch-free, so the
-one hierarchy of failures both raise lives in this small module. Domain code raises these and knows nothing of
-gRPC; ``loraplex.services.errors`` maps each class to a status code, and ``reason`` becomes the
+one hierarchy of failures both raise lives in this small module. Domain code raises these; ``code`` names the
+gRPC status each class maps to (the one table, read by ``loraplex.services.errors`` on the server and by
+``loraplex.registry.client`` to turn a status back into the same class), and ``reason`` becomes the
 ``google.rpc.ErrorInfo`` reason (UPPER_SNAKE_CASE, domain ``loraplex.dev``).
 """
 
@@ -15,6 +16,7 @@ class LoraplexError(Exception):
     """Base class: a failure a caller can act on. ``reason`` is stable and machine-readable."""
 
     reason: str = "INTERNAL"
+    code: str = "INTERNAL"
 
     def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
         super().__init__(message)
@@ -28,6 +30,7 @@ class InvalidArgument(LoraplexError):
     """The request itself is malformed (bad name, bad parameter, bad field mask)."""
 
     reason = "INVALID_ARGUMENT"
+    code = "INVALID_ARGUMENT"
 
 
 class InvalidAdapter(InvalidArgument):
@@ -38,6 +41,7 @@ class InvalidAdapter(InvalidArgument):
 
 class NotFound(LoraplexError):
     reason = "NOT_FOUND"
+    code = "NOT_FOUND"
 
 
 class AdapterNotFound(NotFound):
@@ -50,16 +54,19 @@ class BaseModelNotFound(NotFound):
 
 class AlreadyExists(LoraplexError):
     reason = "ALREADY_EXISTS"
+    code = "ALREADY_EXISTS"
 
 
 class Conflict(LoraplexError):
     """Optimistic concurrency lost (etag mismatch): the caller should re-read and retry."""
 
     reason = "ETAG_MISMATCH"
+    code = "ABORTED"
 
 
 class FailedPrecondition(LoraplexError):
     reason = "FAILED_PRECONDITION"
+    code = "FAILED_PRECONDITION"
 
 
 class AdapterIncompatible(FailedPrecondition):
@@ -70,6 +77,7 @@ class AdapterIncompatible(FailedPrecondition):
 
 class ResourceExhausted(LoraplexError):
     reason = "RESOURCE_EXHAUSTED"
+    code = "RESOURCE_EXHAUSTED"
 
 
 class QueueFull(ResourceExhausted):
@@ -80,19 +88,57 @@ class Unavailable(LoraplexError):
     """A dependency (registry, database, blob store) cannot be reached right now; retrying may help."""
 
     reason = "UNAVAILABLE"
+    code = "UNAVAILABLE"
 
 
 class Unauthenticated(LoraplexError):
     reason = "UNAUTHENTICATED"
+    code = "UNAUTHENTICATED"
 
 
 class PermissionDenied(LoraplexError):
     reason = "PERMISSION_DENIED"
+    code = "PERMISSION_DENIED"
 
 
 class DeadlineExceeded(LoraplexError):
     reason = "DEADLINE_EXCEEDED"
+    code = "DEADLINE_EXCEEDED"
 
 
 class Cancelled(LoraplexError):
     reason = "CANCELLED"
+    code = "CANCELLED"
+
+
+# The base class per status code, for turning a received status back into a domain error.
+ERROR_FOR_CODE: dict[str, type[LoraplexError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        Conflict,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+        Unauthenticated,
+        PermissionDenied,
+        DeadlineExceeded,
+        Cancelled,
+    )
+}
+
+
+def error_from_status(code_name: str, message: str, reason: str = "", metadata: Mapping[str, str] | None = None) -> LoraplexError:
+    """Rebuild the domain error a peer raised from its status code name and ErrorInfo reason."""
+    cls = ERROR_FOR_CODE.get(code_name, LoraplexError)
+    cls = next((sub for sub in _subclasses(cls) if sub.reason == reason), cls)
+    return cls(message, reason=reason or None, metadata=metadata)
+
+
+def _subclasses(cls: type[LoraplexError]) -> list[type[LoraplexError]]:
+    found: list[type[LoraplexError]] = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found

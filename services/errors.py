@@ -24,27 +24,9 @@ log = logging.getLogger("loraplex.rpc")
 
 ERROR_DOMAIN = "loraplex.dev"
 
-# Most specific class first: the first isinstance match wins.
-STATUS_TABLE: tuple[tuple[type[errors.LoraplexError], grpc.StatusCode], ...] = (
-    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (errors.Conflict, grpc.StatusCode.ABORTED),
-    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (errors.Cancelled, grpc.StatusCode.CANCELLED),
-)
-
-
 def status_code_for(exc: errors.LoraplexError) -> grpc.StatusCode:
-    for cls, code in STATUS_TABLE:
-        if isinstance(exc, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
+    """The status each domain class declares in its ``code`` (see ``loraplex.registry.errors``)."""
+    return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
 
 
 def to_rpc_status(code: grpc.StatusCode, message: str, reason: str, metadata: dict[str, str]) -> status_pb2.Status:
