@@ -110,8 +110,8 @@ def lora_key(module: str, layer: int | None, part: LoraPart) -> str:
 def parse_lora_key(key: str) -> LoraKey:
     """Map a PEFT tensor key to (layer, module, part).
 
-    ``InvalidAdapter`` for keys outside the LoRA grammar; ``AdapterIncompatible`` (reason UNSUPPORTED_MODULE)
-    for a well-formed LoRA key on a module this runtime does not serve (e.g. a layer norm).
+    ``InvalidAdapter`` for keys outside the LoRA grammar; ``AdapterIncompatible`` for a well-formed
+    LoRA key on a module this runtime does not serve (e.g. a layer norm).
     """
     m = _LAYER_KEY_RE.fullmatch(key)
     if m:
@@ -124,7 +124,6 @@ def parse_lora_key(key: str) -> LoraKey:
         raise AdapterIncompatible(
             f"tensor {key!r} adapts module {path!r}, which is not supported; "
             f"supported: {', '.join(ALL_MODULES)}",
-            reason="UNSUPPORTED_MODULE",
         )
     m = _EMBED_KEY_RE.fullmatch(key)
     if m:
@@ -253,17 +252,13 @@ def parse_adapter_config(json_text: str | bytes) -> LoraConfigInfo:
     if raw.get("peft_type") != "LORA":
         raise InvalidAdapter(
             f"adapter_config peft_type must be 'LORA', got {raw.get('peft_type')!r}",
-            reason="UNSUPPORTED_PEFT_TYPE",
         )
     for feature in _UNSUPPORTED_FEATURES:
         if raw.get(feature):
-            raise InvalidAdapter(
-                f"adapter_config {feature}={raw[feature]!r} is not supported", reason="UNSUPPORTED_FEATURE"
-            )
+            raise InvalidAdapter(f"adapter_config {feature}={raw[feature]!r} is not supported")
     if raw.get("bias", "none") != "none":
         raise InvalidAdapter(
             f"adapter_config bias={raw.get('bias')!r} is not supported (only 'none')",
-            reason="UNSUPPORTED_FEATURE",
         )
     r = _positive_rank(raw.get("r"), "r")
     alpha = _json_number(raw.get("lora_alpha", 8), "lora_alpha")
@@ -341,7 +336,6 @@ def resolve_targets(
                 raise AdapterIncompatible(
                     f"target module {entry!r} is not a supported module of {spec.architecture}; supported: "
                     f"{', '.join(ALL_MODULES)}",
-                    reason="UNSUPPORTED_MODULE",
                 )
     out: dict[tuple[str, int | None], int] = {}
     for module, layer in slots:
@@ -350,13 +344,11 @@ def resolve_targets(
             if rank > max_rank:
                 raise AdapterIncompatible(
                     f"rank {rank} of {module_path(module, layer)} exceeds the maximum rank {max_rank}",
-                    reason="RANK_TOO_LARGE",
                 )
             out[(module, layer)] = rank
     if not out:
         raise AdapterIncompatible(
             f"target_modules {config.target_modules!r} match no supported module of {spec.architecture}",
-            reason="UNSUPPORTED_MODULE",
         )
     return out
 
