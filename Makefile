@@ -1,0 +1,20 @@
+# The two set-up-and-go commands (see README): `make demo` and `make test`. Both install into .venv/ first.
+.PHONY: setup demo test lint protos bench-registry
+
+setup:
+	tools/setup.sh
+
+demo: setup
+	.venv/bin/loraplex demo
+
+test:
+	tools/setup.sh --test
+	.venv/bin/python -m pytest -q
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+	.venv/bin/buf lint
+
+protos: setup
+	.venv/bin/python tools/gen_protos.py

@@ -1,0 +1,215 @@
+"""Async client for the registry, used by the engine's adapter fetcher and by the CLI.
+
+Why it lives in ``registry/``: the engine imports the registry (never the reverse), and turning a received
+status back into the same typed domain error (via its ErrorInfo reason) keeps failures typed end to end —
+the engine can answer NOT_FOUND for an unknown adapter because the registry said exactly that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from loraplex.registry.errors import LoraplexError, Unavailable, error_from_status
+from loraplex.registry.v1 import registry_service_pb2 as pb
+from loraplex.registry.v1 import registry_service_pb2_grpc as pb_grpc
+
+CHUNK_BYTES = 1024 * 1024
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+T = TypeVar("T")
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError) -> LoraplexError:
+    """The domain error behind a failed call (ErrorInfo reason when the server sent one)."""
+    reason, metadata = "", {}
+    for key, value in exc.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    reason, metadata = info.reason, dict(info.metadata)
+    code = exc.code()
+    message = exc.details() or code.name
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not reason:
+        return Unavailable(f"registry unavailable: {message}", reason="REGISTRY_UNAVAILABLE")
+    return error_from_status(code.name, message, reason, metadata)
+
+
+@dataclass(frozen=True)
+class DownloadedAdapter:
+    version: pb.AdapterVersion
+    weights: bytes
+
+
+class RegistryClient:
+    """One channel to the registry; every method raises ``LoraplexError`` subclasses on failure."""
+
+    def __init__(self, address: str, token: str | None = None, timeout: float = 60.0):
+        self.address = address
+        self._token = token
+        self._timeout = timeout
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.AdapterRegistryServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _metadata(self, token: str | None) -> Sequence[tuple[str, str]]:
+        chosen = token if token is not None else self._token
+        return (("authorization", f"Bearer {chosen}"),) if chosen else ()
+
+    async def _call(self, method: Callable[..., Any], request: Any, token: str | None = None, timeout: float | None = None) -> Any:
+        try:
+            return await method(request, metadata=self._metadata(token), timeout=timeout or self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    # -- reads -------------------------------------------------------------------------------------------
+    async def resolve(self, ref: str, token: str | None = None) -> pb.AdapterVersion:
+        response = await self._call(self._stub.ResolveAdapter, pb.ResolveAdapterRequest(ref=ref), token)
+        return response.adapter_version  # type: ignore[no-any-return]
+
+    async def get_base_model(self, name: str, token: str | None = None) -> pb.BaseModel:
+        response = await self._call(self._stub.GetBaseModel, pb.GetBaseModelRequest(name=name), token)
+        return response.base_model  # type: ignore[no-any-return]
+
+    async def list_base_models(self) -> list[pb.BaseModel]:
+        return [m async for m in self._pages(self._stub.ListBaseModels, pb.ListBaseModelsRequest(), "base_models")]
+
+    async def get_adapter(self, name: str) -> pb.Adapter:
+        return (await self._call(self._stub.GetAdapter, pb.GetAdapterRequest(name=name))).adapter  # type: ignore[no-any-return]
+
+    async def list_adapters(self, base_model: str = "", namespace: str = "", labels: dict[str, str] | None = None) -> list[pb.Adapter]:
+        request = pb.ListAdaptersRequest(base_model=base_model, namespace=namespace, labels=labels or {})
+        return [a async for a in self._pages(self._stub.ListAdapters, request, "adapters")]
+
+    async def list_versions(self, adapter: str) -> list[pb.AdapterVersion]:
+        request = pb.ListAdapterVersionsRequest(adapter=adapter)
+        return [v async for v in self._pages(self._stub.ListAdapterVersions, request, "adapter_versions")]
+
+    async def _pages(self, method: Callable[..., Any], request: Any, field: str) -> AsyncIterator[Any]:
+        while True:
+            response = await self._call(method, request)
+            for item in getattr(response, field):
+                yield item
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    async def download(
+        self,
+        ref: str,
+        token: str | None = None,
+        offset: int = 0,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> DownloadedAdapter:
+        """Fetch a version's weights and verify their sha256 against the registry's record."""
+        metadata = self._metadata(token)
+        parts: list[bytes] = []
+        version: pb.AdapterVersion | None = None
+        try:
+            call = self._stub.DownloadAdapterVersion(
+                pb.DownloadAdapterVersionRequest(ref=ref, offset=offset), metadata=metadata, timeout=self._timeout
+            )
+            received = offset
+            async for message in call:
+                if message.HasField("adapter_version"):
+                    version = message.adapter_version
+                parts.append(message.chunk)
+                received += len(message.chunk)
+                if on_progress is not None and version is not None:
+                    on_progress(received, version.size_bytes)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        if version is None:
+            raise Unavailable(f"download of {ref} ended before its metadata", reason="DOWNLOAD_INCOMPLETE")
+        weights = b"".join(parts)
+        if offset == 0 and hashlib.sha256(weights).hexdigest() != version.weights_sha256:
+            raise Unavailable(f"download of {ref} failed its sha256 check", reason="DOWNLOAD_CORRUPT")
+        return DownloadedAdapter(version=version, weights=weights)
+
+    # -- writes ------------------------------------------------------------------------------------------
+    async def register_base_model(self, name: str, config_json: str) -> pb.BaseModel:
+        request = pb.RegisterBaseModelRequest(name=name, config_json=config_json)
+        return (await self._call(self._stub.RegisterBaseModel, request)).base_model  # type: ignore[no-any-return]
+
+    async def create_adapter(
+        self, name: str, base_model: str, description: str = "", labels: dict[str, str] | None = None
+    ) -> pb.Adapter:
+        adapter = pb.Adapter(name=name, base_model=base_model, description=description, labels=labels or {})
+        return (await self._call(self._stub.CreateAdapter, pb.CreateAdapterRequest(adapter=adapter))).adapter  # type: ignore[no-any-return]
+
+    async def upload(
+        self,
+        adapter: str,
+        config_json: str,
+        weights: bytes | Path,
+        request_id: str = "",
+        expected_sha256: str = "",
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> pb.AdapterVersion:
+        """Stream one version: header first, then ~1 MiB chunks (from memory or straight from a file)."""
+        size = len(weights) if isinstance(weights, bytes) else weights.stat().st_size
+
+        async def messages() -> AsyncIterator[pb.UploadAdapterVersionRequest]:
+            header = pb.UploadAdapterVersionRequest.Header(
+                adapter=adapter,
+                adapter_config_json=config_json,
+                size_bytes=size,
+                expected_sha256=expected_sha256,
+                request_id=request_id,
+            )
+            yield pb.UploadAdapterVersionRequest(header=header)
+            sent = 0
+            for chunk in _chunks(weights):
+                sent += len(chunk)
+                yield pb.UploadAdapterVersionRequest(chunk=chunk)
+                if on_progress is not None:
+                    on_progress(sent, size)
+
+        timeout = self._timeout + size / (10 * 1024 * 1024)  # generous: ≥ 10 MiB/s on top of the base deadline
+        try:
+            response = await self._stub.UploadAdapterVersion(messages(), metadata=self._metadata(None), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        return response.adapter_version  # type: ignore[no-any-return]
+
+    async def set_alias(self, adapter: str, alias: str, version: int) -> pb.Adapter:
+        request = pb.SetAliasRequest(adapter=adapter, alias=alias, version=version)
+        return (await self._call(self._stub.SetAlias, request)).adapter  # type: ignore[no-any-return]
+
+    async def delete_alias(self, adapter: str, alias: str) -> pb.Adapter:
+        request = pb.DeleteAliasRequest(adapter=adapter, alias=alias)
+        return (await self._call(self._stub.DeleteAlias, request)).adapter  # type: ignore[no-any-return]
+
+    async def delete_version(self, adapter: str, version: int) -> None:
+        await self._call(self._stub.DeleteAdapterVersion, pb.DeleteAdapterVersionRequest(adapter=adapter, version=version))
+
+    async def delete_adapter(self, name: str, force: bool = False) -> None:
+        await self._call(self._stub.DeleteAdapter, pb.DeleteAdapterRequest(name=name, force=force))
+
+
+def _chunks(weights: bytes | Path) -> Iterator[bytes]:
+    if isinstance(weights, bytes):
+        return (weights[i : i + CHUNK_BYTES] for i in range(0, len(weights), CHUNK_BYTES))
+    return _file_chunks(weights)
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            yield chunk
+

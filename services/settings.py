@@ -1,0 +1,112 @@
+"""Settings: one typed object per command, filled from CLI flags over ``LORAPLEX_*`` env vars over defaults.
+
+Why generated flags: each field is declared once (name, type, default, help) and becomes both the
+``--flag-name`` and the ``LORAPLEX_FLAG_NAME`` variable, so the README's config table, the CLI and the env can
+never disagree. ``settings_table()`` renders that table for docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+from loraplex.registry.errors import InvalidArgument
+
+T = TypeVar("T")
+GiB = 1024**3
+MiB = 1024**2
+
+
+def opt(default: Any, help: str, env: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "env": env})
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How CLI client commands reach the services."""
+
+    registry: str = opt("127.0.0.1:50052", "registry address HOST:PORT", env="LORAPLEX_REGISTRY")
+    token: str | None = opt(None, "bearer token sent as 'authorization' metadata", env="LORAPLEX_TOKEN")
+    timeout: float = opt(60.0, "per-call deadline in seconds (uploads/downloads scale it by size)")
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """The registry server."""
+
+    listen: str = opt("127.0.0.1:50052", "address to listen on")
+    db: str = opt("sqlite:///./.loraplex/registry.db", "SQLAlchemy database URL (sqlite:///… or postgresql+psycopg://…)")
+    blobs: str = opt("file://./.loraplex/blobs", "blob store: file:///dir, file://./rel or s3://bucket/prefix")
+    s3_endpoint: str | None = opt(None, "S3 endpoint URL (MinIO etc.); AWS credentials come from the usual env vars")
+    tokens_file: str | None = opt(None, "JSON file of bearer tokens → namespaces/scopes; unset = auth off")
+    insecure: bool = opt(False, "allow listening beyond loopback without tokens")
+    max_rank: int = opt(256, "largest LoRA rank accepted")
+    max_adapter_bytes: int = opt(4 * GiB, "largest adapter_model.safetensors accepted")
+    spool_dir: str | None = opt(None, "where uploads are staged before validation (default: beside the blobs/tmp)")
+    gc_grace_seconds: float = opt(3600.0, "orphan blobs younger than this are kept by gc")
+    log_level: str = opt("info", "log level")
+
+
+def _env_name(f: dataclasses.Field[Any]) -> str:
+    return str(f.metadata.get("env") or "LORAPLEX_" + f.name.upper())
+
+
+def _base_type(tp: Any) -> Any:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def _parse(tp: Any, raw: str, name: str) -> Any:
+    base = _base_type(tp)
+    try:
+        if base is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        return base(raw)
+    except ValueError as exc:
+        raise InvalidArgument(f"{name}: cannot parse {raw!r} as {base.__name__}") from exc
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
+    """Add one ``--flag`` per settings field (defaults resolved later, so env vars apply)."""
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} [env {_env_name(f)}; default {f.default!r}]"
+        if _base_type(hints[f.name]) is bool:
+            parser.add_argument(flag, dest=f.name, action="store_const", const="true", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text)
+
+
+def from_sources(cls: type[T], args: argparse.Namespace | None = None, env: dict[str, str] | None = None) -> T:
+    """Resolve each field: CLI flag, else env var, else the declared default."""
+    environ = os.environ if env is None else env
+    hints = get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        raw = getattr(args, f.name, None) if args is not None else None
+        if raw is None:
+            raw = environ.get(_env_name(f))
+        if raw is not None:
+            values[f.name] = _parse(hints[f.name], str(raw), f.name)
+    return cls(**values)
+
+
+def settings_table(cls: type[Any]) -> str:
+    """A Markdown table of flags, env vars, defaults and meanings (for README/docs)."""
+    rows = ["| flag | env | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        rows.append(
+            f"| `--{f.name.replace('_', '-')}` | `{_env_name(f)}` | `{f.default!r}` | {f.metadata.get('help', '')} |"
+        )
+    return "\n".join(rows)
