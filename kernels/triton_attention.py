@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-
 from loraplex.kernels.triton_configs import ATTENTION_CONFIGS, bucket, prune_attention
 from loraplex.kernels.triton_lora_meta import dot_dtype, dot_precision
 
@@ -70,9 +69,8 @@ def _decode_kernel(
     part = tl.program_id(2)
     length = tl.load(context_lens_ptr + b)
     start = part * partition_size
-    if not SINGLE:
-        if start >= length:  # the merge kernel ignores partitions past the history
-            return
+    if start >= tl.maximum(length, 1):  # partitions past the history; partition 0 always writes its result
+        return
     end = tl.minimum(start + partition_size, length)
 
     offs_g = tl.arange(0, G_PAD)
