@@ -71,7 +71,9 @@ class RegistryClient:
         chosen = token if token is not None else self._token
         return (("authorization", f"Bearer {chosen}"),) if chosen else ()
 
-    async def _call(self, method: Callable[..., Any], request: Any, token: str | None = None, timeout: float | None = None) -> Any:
+    async def _call(
+        self, method: Callable[..., Any], request: Any, token: str | None = None, timeout: float | None = None
+    ) -> Any:
         try:
             return await method(request, metadata=self._metadata(token), timeout=timeout or self._timeout)
         except grpc.aio.AioRpcError as exc:
@@ -92,7 +94,9 @@ class RegistryClient:
     async def get_adapter(self, name: str) -> pb.Adapter:
         return (await self._call(self._stub.GetAdapter, pb.GetAdapterRequest(name=name))).adapter  # type: ignore[no-any-return]
 
-    async def list_adapters(self, base_model: str = "", namespace: str = "", labels: dict[str, str] | None = None) -> list[pb.Adapter]:
+    async def list_adapters(
+        self, base_model: str = "", namespace: str = "", labels: dict[str, str] | None = None
+    ) -> list[pb.Adapter]:
         request = pb.ListAdaptersRequest(base_model=base_model, namespace=namespace, labels=labels or {})
         return [a async for a in self._pages(self._stub.ListAdapters, request, "adapters")]
 
@@ -196,7 +200,9 @@ class RegistryClient:
         return (await self._call(self._stub.DeleteAlias, request)).adapter  # type: ignore[no-any-return]
 
     async def delete_version(self, adapter: str, version: int) -> None:
-        await self._call(self._stub.DeleteAdapterVersion, pb.DeleteAdapterVersionRequest(adapter=adapter, version=version))
+        await self._call(
+            self._stub.DeleteAdapterVersion, pb.DeleteAdapterVersionRequest(adapter=adapter, version=version)
+        )
 
     async def delete_adapter(self, name: str, force: bool = False) -> None:
         await self._call(self._stub.DeleteAdapter, pb.DeleteAdapterRequest(name=name, force=force))
@@ -212,4 +218,3 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
     with path.open("rb") as f:
         while chunk := f.read(CHUNK_BYTES):
             yield chunk
-

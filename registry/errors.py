@@ -130,7 +130,9 @@ ERROR_FOR_CODE: dict[str, type[LoraplexError]] = {
 }
 
 
-def error_from_status(code_name: str, message: str, reason: str = "", metadata: Mapping[str, str] | None = None) -> LoraplexError:
+def error_from_status(
+    code_name: str, message: str, reason: str = "", metadata: Mapping[str, str] | None = None
+) -> LoraplexError:
     """Rebuild the domain error a peer raised from its status code name and ErrorInfo reason."""
     cls = ERROR_FOR_CODE.get(code_name, LoraplexError)
     cls = next((sub for sub in _subclasses(cls) if sub.reason == reason), cls)

@@ -180,9 +180,17 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, exc: Exception) -> grpc.R
         yield  # pragma: no cover - makes this an async generator
 
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(reject_unary, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            reject_unary, handler.request_deserializer, handler.response_serializer
+        )
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(reject_unary, handler.request_deserializer, handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(
+            reject_unary, handler.request_deserializer, handler.response_serializer
+        )
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(reject_stream, handler.request_deserializer, handler.response_serializer)
-    return grpc.stream_stream_rpc_method_handler(reject_stream, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(
+            reject_stream, handler.request_deserializer, handler.response_serializer
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        reject_stream, handler.request_deserializer, handler.response_serializer
+    )

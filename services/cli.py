@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     client = _client_parser()
     as_json = _json_flag()
 
-    registry = top.add_parser("registry", help="run or maintain the adapter registry").add_subparsers(dest="action", required=True)
+    registry = top.add_parser("registry", help="run or maintain the adapter registry").add_subparsers(
+        dest="action", required=True
+    )
     serve = registry.add_parser("serve", help="run the registry gRPC server")
     add_arguments(serve, RegistrySettings)
     serve.set_defaults(handler=cli_registry.serve)
@@ -52,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(migrate, RegistrySettings)
     migrate.set_defaults(handler=cli_registry.migrate)
 
-    models = top.add_parser("models", help="base models known to the registry").add_subparsers(dest="action", required=True)
+    models = top.add_parser("models", help="base models known to the registry").add_subparsers(
+        dest="action", required=True
+    )
     register = models.add_parser("register", parents=[client, as_json], help="register a base model from its HF folder")
     register.add_argument("dir", help="folder holding config.json")
     register.add_argument("--name", required=True, help="registry name for the model")
@@ -60,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     models_list = models.add_parser("list", parents=[client, as_json], help="list base models")
     models_list.set_defaults(handler=cli_registry.models_list)
 
-    adapters = top.add_parser("adapters", help="push, pull and manage adapters").add_subparsers(dest="action", required=True)
+    adapters = top.add_parser("adapters", help="push, pull and manage adapters").add_subparsers(
+        dest="action", required=True
+    )
     push = adapters.add_parser("push", parents=[client, as_json], help="upload a PEFT adapter folder as a new version")
     push.add_argument("dir", help="folder with adapter_config.json and adapter_model.safetensors")
     push.add_argument("--name", required=True, help="namespace/name")

@@ -42,8 +42,12 @@ def _labels(pairs: list[str]) -> dict[str, str]:
 
 def _progress(description: str) -> Progress:
     return Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        transient=not sys.stderr.isatty(), console=None,
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        transient=not sys.stderr.isatty(),
+        console=None,
     )
 
 
@@ -64,7 +68,10 @@ async def gc(args: argparse.Namespace) -> int:
     settings = from_sources(RegistrySettings, args)
     report = await asyncio.to_thread(build_service(settings).gc, settings.gc_grace_seconds, args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
-    print(f"gc: {verb} {len(report.deleted)} orphan blob(s); kept {report.kept_recent} recent; {report.referenced} referenced")
+    print(
+        f"gc: {verb} {len(report.deleted)} orphan blob(s); "
+        f"kept {report.kept_recent} recent; {report.referenced} referenced"
+    )
     for key in report.deleted:
         print(f"  {key}")
     return 0
@@ -85,7 +92,11 @@ async def models_register(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"{config_path} not found: pass a Hugging Face model folder")
     async with _client(args) as client:
         model = await client.register_base_model(args.name, config_path.read_text())
-    _emit(args, model, f"registered {model.name} ({model.architecture}, {model.num_hidden_layers} layers, hidden {model.hidden_size})")
+    _emit(
+        args,
+        model,
+        f"registered {model.name} ({model.architecture}, {model.num_hidden_layers} layers, hidden {model.hidden_size})",
+    )
     return 0
 
 
@@ -112,7 +123,9 @@ async def adapters_push(args: argparse.Namespace) -> int:
             await client.get_adapter(args.name)
         except NotFound:
             if not args.base_model:
-                raise InvalidArgument(f"adapter {args.name} does not exist yet: pass --base-model to create it") from None
+                raise InvalidArgument(
+                    f"adapter {args.name} does not exist yet: pass --base-model to create it"
+                ) from None
             await client.create_adapter(args.name, args.base_model, args.description, _labels(args.label))
         size = weights_path.stat().st_size
         with _progress("push") as progress:
@@ -127,7 +140,12 @@ async def adapters_push(args: argparse.Namespace) -> int:
         for alias in args.alias:
             await client.set_alias(args.name, alias, version.version)
             version.aliases.append(alias)
-    _emit(args, version, f"pushed {version.adapter}@{version.version} {version.digest} ({version.size_bytes} bytes, rank {version.rank})")
+    _emit(
+        args,
+        version,
+        f"pushed {version.adapter}@{version.version} {version.digest} "
+        f"({version.size_bytes} bytes, rank {version.rank})",
+    )
     return 0
 
 

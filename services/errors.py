@@ -24,6 +24,7 @@ log = logging.getLogger("loraplex.rpc")
 
 ERROR_DOMAIN = "loraplex.dev"
 
+
 def status_code_for(exc: errors.LoraplexError) -> grpc.StatusCode:
     """The status each domain class declares in its ``code`` (see ``loraplex.registry.errors``)."""
     return getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
@@ -96,12 +97,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     result = await inner(request, context)
                     _log_done(method, "OK", started)
                     return result
-                except Exception as exc:  # noqa: BLE001 - the point is to map everything
+                except Exception as exc:
                     await _fail(method, exc, context, started)
                 finally:
                     request_id_var.reset(token)
 
-            factory = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+            factory = (
+                grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+            )
             return factory(unary, handler.request_deserializer, handler.response_serializer)
 
         inner_stream = handler.unary_stream or handler.stream_stream
@@ -113,12 +116,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 async for item in inner_stream(request, context):
                     yield item
                 _log_done(method, "OK", started)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 await _fail(method, exc, context, started)
             finally:
                 request_id_var.reset(token)
 
-        factory = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        factory = (
+            grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        )
         return factory(streaming, handler.request_deserializer, handler.response_serializer)
 
 

@@ -38,7 +38,9 @@ def build_service(settings: RegistrySettings) -> RegistryService:
 async def start_registry(settings: RegistrySettings) -> ServerHandle:
     service = build_service(settings)
     authority = TokenAuthority.from_file(settings.tokens_file)
-    binding = ServiceBinding(SERVICE_NAME, RegistryServicer(service), pb_grpc.add_AdapterRegistryServiceServicer_to_server)
+    binding = ServiceBinding(
+        SERVICE_NAME, RegistryServicer(service), pb_grpc.add_AdapterRegistryServiceServicer_to_server
+    )
     handle = await start_server([binding], settings.listen, authority, insecure=settings.insecure)
     log.info("registry listening", extra={"port": handle.port, "listen": settings.listen, "auth": authority.enabled})
     return handle

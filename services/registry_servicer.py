@@ -47,7 +47,9 @@ class RegistryServicer(pb_grpc.AdapterRegistryServiceServicer):
         self._svc = service
 
     # -- base models ---------------------------------------------------------------------------------
-    async def RegisterBaseModel(self, request: pb.RegisterBaseModelRequest, context: Context) -> pb.RegisterBaseModelResponse:
+    async def RegisterBaseModel(
+        self, request: pb.RegisterBaseModelRequest, context: Context
+    ) -> pb.RegisterBaseModelResponse:
         require_admin()
         model = await asyncio.to_thread(self._svc.register_base_model, request.name, request.config_json)
         return pb.RegisterBaseModelResponse(base_model=base_model_to_pb(model))
@@ -66,9 +68,7 @@ class RegistryServicer(pb_grpc.AdapterRegistryServiceServicer):
     async def CreateAdapter(self, request: pb.CreateAdapterRequest, context: Context) -> pb.CreateAdapterResponse:
         a = request.adapter
         require(_namespace_of(a.name), "write")
-        created = await asyncio.to_thread(
-            self._svc.create_adapter, a.name, a.base_model, a.description, dict(a.labels)
-        )
+        created = await asyncio.to_thread(self._svc.create_adapter, a.name, a.base_model, a.description, dict(a.labels))
         return pb.CreateAdapterResponse(adapter=adapter_to_pb(created))
 
     async def GetAdapter(self, request: pb.GetAdapterRequest, context: Context) -> pb.GetAdapterResponse:
@@ -110,9 +110,7 @@ class RegistryServicer(pb_grpc.AdapterRegistryServiceServicer):
 
     async def DeleteAdapter(self, request: pb.DeleteAdapterRequest, context: Context) -> pb.DeleteAdapterResponse:
         require(_namespace_of(request.name), "write")
-        await asyncio.to_thread(
-            lambda: self._svc.delete_adapter(request.name, etag=request.etag, force=request.force)
-        )
+        await asyncio.to_thread(lambda: self._svc.delete_adapter(request.name, etag=request.etag, force=request.force))
         return pb.DeleteAdapterResponse()
 
     # -- versions ------------------------------------------------------------------------------------
@@ -155,20 +153,18 @@ class RegistryServicer(pb_grpc.AdapterRegistryServiceServicer):
                     raise InvalidArgument("header sent twice: only chunks may follow it", reason="UPLOAD_PROTOCOL")
                 received += len(message.chunk)
                 if received > declared:
-                    raise InvalidArgument(
-                        f"received more than the declared {declared} bytes", reason="SIZE_MISMATCH"
-                    )
+                    raise InvalidArgument(f"received more than the declared {declared} bytes", reason="SIZE_MISMATCH")
                 hasher.update(message.chunk)
                 out.write(message.chunk)
             out.flush()
             os.fsync(out.fileno())
         if received != declared:
-            raise InvalidArgument(
-                f"upload ended after {received} of {declared} declared bytes", reason="SIZE_MISMATCH"
-            )
+            raise InvalidArgument(f"upload ended after {received} of {declared} declared bytes", reason="SIZE_MISMATCH")
         return hasher.hexdigest()
 
-    async def GetAdapterVersion(self, request: pb.GetAdapterVersionRequest, context: Context) -> pb.GetAdapterVersionResponse:
+    async def GetAdapterVersion(
+        self, request: pb.GetAdapterVersionRequest, context: Context
+    ) -> pb.GetAdapterVersionResponse:
         require(_namespace_of(request.adapter), "read")
         version = await asyncio.to_thread(self._svc.get_version, request.adapter, request.version)
         return pb.GetAdapterVersionResponse(adapter_version=version_to_pb(version))

@@ -94,9 +94,7 @@ async def start_server(
 ) -> ServerHandle:
     """Build, bind and start the server; health is SERVING only when ``serving`` (else call ``set_serving``)."""
     check_exposure(listen, authority, insecure)
-    server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), AuthInterceptor(authority)], options=SERVER_OPTIONS
-    )
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(), AuthInterceptor(authority)], options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for binding in bindings:

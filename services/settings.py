@@ -39,7 +39,9 @@ class RegistrySettings:
     """The registry server."""
 
     listen: str = opt("127.0.0.1:50052", "address to listen on")
-    db: str = opt("sqlite:///./.loraplex/registry.db", "SQLAlchemy database URL (sqlite:///… or postgresql+psycopg://…)")
+    db: str = opt(
+        "sqlite:///./.loraplex/registry.db", "SQLAlchemy database URL (sqlite:///… or postgresql+psycopg://…)"
+    )
     blobs: str = opt("file://./.loraplex/blobs", "blob store: file:///dir, file://./rel or s3://bucket/prefix")
     s3_endpoint: str | None = opt(None, "S3 endpoint URL (MinIO etc.); AWS credentials come from the usual env vars")
     tokens_file: str | None = opt(None, "JSON file of bearer tokens → namespaces/scopes; unset = auth off")
