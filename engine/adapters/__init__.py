@@ -1,0 +1,1 @@
+"""Adapter tiers: host-resident parsed adapters and the device pool the kernels read."""

@@ -1,0 +1,81 @@
+"""Engine configuration: one frozen value object, validated before anything is allocated.
+
+Why frozen: the scheduler, KV cache and adapter pool size their buffers from it once at load; a config that
+changed afterwards would silently disagree with what was preallocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraplex.registry.errors import InvalidArgument
+
+_DEVICES = ("cpu", "cuda")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to size itself.
+
+    KV budget: give ``kv_cache_blocks`` or ``kv_cache_bytes`` (not both); with neither, the engine reserves
+    enough blocks for ``max_num_seqs`` sequences of ``min(max_model_len, 2048)`` tokens.
+    Adapter budget: ``gpu_adapter_rows`` (rank-rows per (layer, module) buffer) or ``gpu_adapter_bytes``
+    (all pool buffers together); with neither, every slot can hold an adapter of ``max_lora_rank``.
+    """
+
+    model_dir: Path | str
+    device: str = "cpu"
+    dtype: str = "auto"
+    block_size: int = 16
+    kv_cache_blocks: int | None = None
+    kv_cache_bytes: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_adapters_per_step: int = 16
+    max_lora_rank: int = 64
+    gpu_adapter_rows: int | None = None
+    gpu_adapter_bytes: int | None = None
+    max_queue: int = 1024
+    max_model_len: int | None = None
+    lora_embeddings: bool = True
+
+    def validate(self) -> None:
+        """Raise ``InvalidArgument`` naming the first bad field."""
+        if self.device not in _DEVICES:
+            raise InvalidArgument(f"device must be one of {_DEVICES}, got {self.device!r}")
+        if self.dtype not in _DTYPES:
+            raise InvalidArgument(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        positive = {
+            "block_size": self.block_size,
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "max_adapters_per_step": self.max_adapters_per_step,
+            "max_lora_rank": self.max_lora_rank,
+            "max_queue": self.max_queue,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise InvalidArgument(f"{name} must be positive, got {value}")
+        optional_positive = {
+            "kv_cache_blocks": self.kv_cache_blocks,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "gpu_adapter_rows": self.gpu_adapter_rows,
+            "gpu_adapter_bytes": self.gpu_adapter_bytes,
+            "max_model_len": self.max_model_len,
+        }
+        for name, maybe in optional_positive.items():
+            if maybe is not None and maybe <= 0:
+                raise InvalidArgument(f"{name} must be positive when set, got {maybe}")
+        if self.kv_cache_blocks is not None and self.kv_cache_bytes is not None:
+            raise InvalidArgument("set kv_cache_blocks or kv_cache_bytes, not both")
+        if self.gpu_adapter_rows is not None and self.gpu_adapter_bytes is not None:
+            raise InvalidArgument("set gpu_adapter_rows or gpu_adapter_bytes, not both")
+        if self.gpu_adapter_rows is not None and self.gpu_adapter_rows < self.max_lora_rank:
+            raise InvalidArgument(
+                f"gpu_adapter_rows ({self.gpu_adapter_rows}) must hold at least one adapter of "
+                f"max_lora_rank ({self.max_lora_rank})"
+            )
+        if not str(self.model_dir):
+            raise InvalidArgument("model_dir is required")

@@ -1,0 +1,129 @@
+"""Per-step batch metadata: everything layers need to know about the step, as tensors.
+
+Why one object: layers see tensors plus this ``Context``, never requests or sequences. The runner builds it
+once per step from the scheduler's decisions; attention and LoRA read from it.
+
+Token layout: the step's tokens are grouped by sequence (sequence b owns tokens
+``[token_start[b], token_start[b] + q_len[b])``). Attention runs on a padded [B, Qmax] x [B, Lmax] grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from loraplex.kernels.types import LoRABatch
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's share of a step (host-side input to ``Context.build``)."""
+
+    token_ids: list[int]  # the new tokens fed this step
+    start_pos: int  # position of token_ids[0]
+    block_table: list[int]  # KV blocks covering positions [0, start_pos + len(token_ids))
+    slot: int  # adapter pool slot, -1 = base model
+    needs_logits: bool  # the step computes this sequence's last pending token
+
+
+@dataclass
+class Context:
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    slot_mapping: torch.Tensor  # int64 [T]  flat KV slot (block * block_size + offset) of each new token
+    q_index: torch.Tensor  # int64 [B, Qmax] token of query i of sequence b (padding -> 0)
+    q_valid: torch.Tensor  # bool  [B, Qmax]
+    q_pos: torch.Tensor  # int64 [B, Qmax] position of each padded query
+    kv_index: torch.Tensor  # int64 [B, Lmax] flat KV slot of key j of sequence b (padding -> 0)
+    kv_len: torch.Tensor  # int64 [B]
+    logits_indices: torch.Tensor  # int64 [N] tokens whose logits are sampled
+    logits_seqs: list[int]  # sequence index (into the step's slices) of each logits row
+    lora: LoRABatch  # per token
+    lora_logits: LoRABatch  # per logits row (lm_head LoRA)
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def attention_mask(self, window: int | None) -> torch.Tensor:
+        """bool [B, 1, Qmax, Lmax]: causal (and sliding-window) visibility, built once per window per step.
+
+        Key j of a sequence sits at position j, so "causal" is ``j <= pos`` and a window w keeps
+        ``pos - j < w`` (the Hugging Face convention). Padded query rows see key 0 only, so softmax stays finite.
+        """
+        cached = self._masks.get(window)
+        if cached is not None:
+            return cached
+        lmax = int(self.kv_index.shape[1])
+        j = torch.arange(lmax, device=self.kv_index.device).view(1, 1, lmax)
+        pos = self.q_pos.unsqueeze(-1)  # [B, Qmax, 1]
+        mask = (j <= pos) & (j < self.kv_len.view(-1, 1, 1))
+        if window is not None:
+            mask &= pos - j < window
+        mask &= self.q_valid.unsqueeze(-1)
+        mask[..., 0] |= ~self.q_valid
+        mask = mask.unsqueeze(1)
+        self._masks[window] = mask
+        return mask
+
+    @staticmethod
+    def build(slices: list[SeqSlice], block_size: int, device: torch.device) -> Context:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        token_slots: list[int] = []
+        q_rows: list[list[int]] = []
+        pos_rows: list[list[int]] = []
+        kv_rows: list[list[int]] = []
+        kv_len: list[int] = []
+        logits_indices: list[int] = []
+        logits_seqs: list[int] = []
+        logits_slots: list[int] = []
+        for b, s in enumerate(slices):
+            first = len(input_ids)
+            n = len(s.token_ids)
+            total = s.start_pos + n
+            pos = list(range(s.start_pos, total))
+            input_ids.extend(s.token_ids)
+            positions.extend(pos)
+            slot_mapping.extend(s.block_table[p // block_size] * block_size + p % block_size for p in pos)
+            token_slots.extend([s.slot] * n)
+            q_rows.append(list(range(first, first + n)))
+            pos_rows.append(pos)
+            kv_rows.append([s.block_table[p // block_size] * block_size + p % block_size for p in range(total)])
+            kv_len.append(total)
+            if s.needs_logits:
+                logits_indices.append(first + n - 1)
+                logits_seqs.append(b)
+                logits_slots.append(s.slot)
+
+        def i64(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        def padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            width = max((len(r) for r in rows), default=0)
+            data = [r + [0] * (width - len(r)) for r in rows]
+            valid = [[True] * len(r) + [False] * (width - len(r)) for r in rows]
+            return i64(data).view(len(rows), width), torch.tensor(valid, dtype=torch.bool, device=device).view(
+                len(rows), width
+            )
+
+        q_index, q_valid = padded(q_rows)
+        q_pos, _ = padded(pos_rows)
+        kv_index, _ = padded(kv_rows)
+        return Context(
+            input_ids=i64(input_ids),
+            positions=i64(positions),
+            slot_mapping=i64(slot_mapping),
+            q_index=q_index,
+            q_valid=q_valid,
+            q_pos=q_pos,
+            kv_index=kv_index,
+            kv_len=i64(kv_len),
+            logits_indices=i64(logits_indices),
+            logits_seqs=logits_seqs,
+            lora=LoRABatch.from_slots(token_slots, device),
+            lora_logits=LoRABatch.from_slots(logits_slots, device),
+        )

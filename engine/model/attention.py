@@ -1,0 +1,49 @@
+"""Attention over the paged KV cache for a mixed prefill/decode step.
+
+Why one padded path for prefill chunks and decodes alike: a step may mix a 300-token prompt chunk with 40
+single-token decodes; gathering each sequence's keys through its block table into a [B, Lmax] grid lets one
+SDPA call serve them all, with causal and sliding-window masks from the ``Context``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loraplex.engine.context import Context
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> None:
+    """Store the step's new keys/values (k, v: [T, n_kv, d]) at their paged slots."""
+    flat_k = k_cache.view(-1, k_cache.shape[2], k_cache.shape[3])  # [blocks * block_size, n_kv, d]
+    flat_v = v_cache.view(-1, v_cache.shape[2], v_cache.shape[3])
+    flat_k[ctx.slot_mapping] = k.to(flat_k.dtype)
+    flat_v[ctx.slot_mapping] = v.to(flat_v.dtype)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    ctx: Context,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """q: [T, n_heads, d] -> [T, n_heads, d]; keys/values come from the cache (already holding this step's)."""
+    n_kv, d = k_cache.shape[2], k_cache.shape[3]
+    flat_k = k_cache.view(-1, n_kv, d)
+    flat_v = v_cache.view(-1, n_kv, d)
+    keys = flat_k[ctx.kv_index].transpose(1, 2)  # [B, n_kv, Lmax, d]
+    values = flat_v[ctx.kv_index].transpose(1, 2)
+    queries = q[ctx.q_index].transpose(1, 2)  # [B, n_heads, Qmax, d]
+    out = F.scaled_dot_product_attention(
+        queries,
+        keys,
+        values,
+        attn_mask=ctx.attention_mask(window),
+        scale=scale,
+        enable_gqa=q.shape[1] != n_kv,
+    )  # [B, n_heads, Qmax, d]
+    result = torch.empty_like(q)
+    result[ctx.q_index[ctx.q_valid]] = out.transpose(1, 2)[ctx.q_valid]
+    return result

@@ -1,0 +1,119 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache.
+
+Family differences are data, not subclasses: qkv/o/mlp biases, per-layer sliding windows, tied embeddings and
+rope scaling all come from ``ModelArgs``. q/k/v and gate/up are fused at load so each takes one matmul (and one
+multi-slice LoRA call); ``FUSED_SLICES`` records where each original module lands in the fused output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.engine.context import Context
+from loraplex.engine.model.args import ModelArgs
+from loraplex.engine.model.attention import paged_attention, write_kv
+from loraplex.engine.model.layers import Embedding, Linear, LMHead, RMSNorm
+from loraplex.engine.model.rope import RotaryTable
+
+
+def fused_slices(args: ModelArgs) -> dict[str, tuple[tuple[str, int], ...]]:
+    """Fused attribute -> ((original module, output offset), ...)."""
+    q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+    return {
+        "qkv_proj": (("q_proj", 0), ("k_proj", q), ("v_proj", q + kv)),
+        "o_proj": (("o_proj", 0),),
+        "gate_up_proj": (("gate_proj", 0), ("up_proj", args.intermediate_size)),
+        "down_proj": (("down_proj", 0),),
+    }
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, w: dict[str, torch.Tensor], rope: RotaryTable) -> None:
+        super().__init__()
+        p = f"model.layers.{layer}.self_attn."
+        names = ("q_proj", "k_proj", "v_proj")
+        bias = torch.cat([w[p + f"{n}.bias"] for n in names]) if args.qkv_bias else None
+        self.qkv_proj: nn.Module = Linear(torch.cat([w[p + f"{n}.weight"] for n in names]), bias)
+        self.o_proj: nn.Module = Linear(w[p + "o_proj.weight"], w.get(p + "o_proj.bias") if args.o_bias else None)
+        self.n_heads, self.n_kv, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.window = args.sliding_windows[layer]
+        self.scale = args.head_dim**-0.5
+        self.rope = rope
+
+    def forward(self, x: torch.Tensor, ctx: Context, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x, ctx)  # [T, (n_heads + 2 n_kv) d]
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        q = qkv[:, :q_size].view(t, self.n_heads, self.head_dim)
+        k = qkv[:, q_size : q_size + kv_size].view(t, self.n_kv, self.head_dim)
+        v = qkv[:, q_size + kv_size :].view(t, self.n_kv, self.head_dim)
+        q = self.rope.apply(q, ctx.positions)
+        k = self.rope.apply(k, ctx.positions)
+        write_kv(kv[0], kv[1], k, v, ctx)
+        out = paged_attention(q, kv[0], kv[1], ctx, self.scale, self.window)
+        result: torch.Tensor = self.o_proj(out.reshape(t, q_size), ctx)
+        return result
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, w: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        p = f"model.layers.{layer}.mlp."
+
+        def bias(name: str) -> torch.Tensor | None:
+            return w[p + f"{name}.bias"] if args.mlp_bias else None
+
+        gu_bias = None
+        if args.mlp_bias:
+            gu_bias = torch.cat([w[p + "gate_proj.bias"], w[p + "up_proj.bias"]])
+        self.gate_up_proj: nn.Module = Linear(torch.cat([w[p + "gate_proj.weight"], w[p + "up_proj.weight"]]), gu_bias)
+        self.down_proj: nn.Module = Linear(w[p + "down_proj.weight"], bias("down_proj"))
+        self.inter = args.intermediate_size
+
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x, ctx)
+        act = F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :]
+        result: torch.Tensor = self.down_proj(act, ctx)
+        return result
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, w: dict[str, torch.Tensor], rope: RotaryTable) -> None:
+        super().__init__()
+        p = f"model.layers.{layer}."
+        self.input_layernorm = RMSNorm(w[p + "input_layernorm.weight"], args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(w[p + "post_attention_layernorm.weight"], args.rms_norm_eps)
+        self.self_attn = Attention(args, layer, w, rope)
+        self.mlp = MLP(args, layer, w)
+
+    def forward(self, x: torch.Tensor, ctx: Context, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx, kv)
+        return x + self.mlp(self.post_attention_layernorm(x), ctx)
+
+
+class CausalLM(nn.Module):
+    """hidden = forward(ctx, kv_caches); logits = compute_logits(hidden, ctx) for the rows to sample."""
+
+    def __init__(self, args: ModelArgs, w: dict[str, torch.Tensor], rope: RotaryTable) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens: nn.Module = Embedding(w["model.embed_tokens.weight"])
+        self.layers = nn.ModuleList([DecoderLayer(args, i, w, rope) for i in range(args.num_layers)])
+        self.norm = RMSNorm(w["model.norm.weight"], args.rms_norm_eps)
+        head = w["model.embed_tokens.weight"] if args.tie_word_embeddings else w["lm_head.weight"]
+        self.lm_head: nn.Module = LMHead(head)
+
+    def forward(self, ctx: Context, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        x = self.embed_tokens(ctx.input_ids, ctx)  # [T, hidden]
+        for layer, kv in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, ctx, kv)
+        result: torch.Tensor = self.norm(x)
+        return result
+
+    def compute_logits(self, hidden: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """float32 [N, vocab] for the tokens in ``ctx.logits_indices``."""
+        selected = hidden[ctx.logits_indices]
+        logits: torch.Tensor = self.lm_head(selected, ctx)
+        return logits.float()

@@ -1,0 +1,43 @@
+"""The engine's public request/response values (what the gRPC servicer converts to and from protos)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from loraplex.engine.sampling import SamplingParams
+
+
+class FinishReason(enum.Enum):
+    STOP_SEQUENCE = "stop_sequence"  # a user stop string or stop_token_id
+    EOS_TOKEN = "eos_token"  # the model's EOS (unless ignore_eos)
+    MAX_TOKENS = "max_tokens"  # max_new_tokens, or the model's context length
+    TIME_LIMIT = "time_limit"  # params.time_limit_s elapsed since submission
+    CANCELLED = "cancelled"  # abort(), or the consumer went away
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    adapter_key: str | None = None  # the adapter version digest; None = the base model
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one step added to one request; the last delta of a request carries ``finish_reason``."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+    finish_reason: FinishReason | None
+    usage: Usage
