@@ -12,6 +12,7 @@ Window semantics (per ``push``)::
     new_text    = decode(ids[prefix_offset:])
     if new_text grew past prefix_text and does not end in U+FFFD:
         emit new_text[len(prefix_text):]; prefix_offset, read_offset = read_offset, len(ids)
+    (tokens before prefix_offset are dropped, so in the code prefix_offset is always 0)
 
 The window is the last emitted chunk plus held-back tokens, so each push costs O(window), not O(length).
 """
@@ -45,12 +46,10 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
+        # The window: ids[:read_offset] were already emitted (or are prompt context), the rest are pending.
         self._ids: list[int] = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
-        self._prefix_offset = 0
         self._read_offset = len(self._ids)
-        # A prompt cut mid-character decodes to a trailing U+FFFD; dropping it from the context lets the
-        # first generated token that completes the character emit it whole.
-        self._prefix_text = self._decode(self._ids).rstrip(REPLACEMENT_CHAR)
+        self._prefix_text = self._decode(self._ids)
         self._pieces: list[str] = []
 
     @property
@@ -66,37 +65,47 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one generated token; returns only the new text that is final (possibly "")."""
         self._ids.append(token_id)
-        new_text = self._decode(self._ids[self._prefix_offset :])
-        if len(new_text) <= len(self._prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
+        delta = self._new_text()
+        if not delta or delta.endswith(REPLACEMENT_CHAR):
             return ""
-        return self._emit(new_text)
+        return self._emit(delta)
 
     def flush(self) -> str:
         """At the end of the stream: emit whatever is held back, even an unfinished character (as U+FFFD)."""
         if self.pending_tokens == 0:
             return ""
-        new_text = self._decode(self._ids[self._prefix_offset :])
-        if len(new_text) <= len(self._prefix_text):
-            self._advance()
-            return ""
-        return self._emit(new_text)
+        return self._emit(self._new_text())
 
-    def _emit(self, new_text: str) -> str:
-        delta = new_text[len(self._prefix_text) :]
-        self._advance()
-        self._pieces.append(delta)
-        return delta
+    def _new_text(self) -> str:
+        """Text the pending tokens add to the window's already-emitted text."""
+        new_text = self._decode(self._ids)
+        start = len(self._prefix_text)
+        if self._prefix_text.endswith(REPLACEMENT_CHAR):
+            # Only a prompt cut inside a character (or a flushed broken tail) leaves the context ending in
+            # U+FFFD; a token completing that character replaces it, so emit from where the texts diverge.
+            start = _common_prefix_length(self._prefix_text, new_text)
+        return new_text[start:]
 
-    def _advance(self) -> None:
+    def _emit(self, delta: str) -> str:
         """Slide the window: the text just emitted becomes the decoding context for what follows."""
-        self._prefix_text = self._decode(self._ids[self._read_offset :])
-        # Drop tokens that left the window so memory stays O(window) for arbitrarily long outputs.
+        # Drop tokens that left the window so memory and decode cost stay O(window), whatever the length.
         del self._ids[: self._read_offset]
-        self._prefix_offset = 0
         self._read_offset = len(self._ids)
+        self._prefix_text = self._decode(self._ids)
+        if delta:
+            self._pieces.append(delta)
+        return delta
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special) if ids else ""
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    size = min(len(a), len(b))
+    for i in range(size):
+        if a[i] != b[i]:
+            return i
+    return size
 
 
 class StopStringMatcher:

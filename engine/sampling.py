@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
 from loraplex.registry.errors import InvalidArgument
 
 MAX_NEW_TOKENS_CAP = 131_072  # the longest context of current open models; anything above is a client bug
@@ -94,9 +95,7 @@ class SamplingParams:
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) for s in self.stop):
             raise InvalidArgument("stop must be a tuple of strings")
         if len(self.stop) > MAX_STOP_STRINGS:
-            raise InvalidArgument(
-                f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed"
-            )
+            raise InvalidArgument(f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
         for s in self.stop:
             if not s:
                 raise InvalidArgument("stop strings must not be empty")
@@ -181,9 +180,7 @@ def apply_repetition_penalty(
     return out
 
 
-def filter_logits(
-    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
-) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """top_k → top_p → min_p on already temperature-scaled logits; removed entries become ``-inf``.
 
     logits: [B, V] float32; top_k: [B] long (0 = off); top_p, min_p: [B] float32. Every filter keeps the best
@@ -254,9 +251,7 @@ def sample(
         )
 
     chosen_logprobs = logprobs.gather(1, chosen[:, None]).squeeze(1)
-    top = [
-        _top_logprobs(logprobs[i], p.top_logprobs) if p.top_logprobs > 0 else [] for i, p in enumerate(params)
-    ]
+    top = [_top_logprobs(logprobs[i], p.top_logprobs) if p.top_logprobs > 0 else [] for i, p in enumerate(params)]
     return SampleOutput(token_ids=chosen.tolist(), logprobs=chosen_logprobs.tolist(), top_logprobs=top)
 
 

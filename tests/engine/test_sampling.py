@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import pytest
 import torch
+
 from loraplex.engine.sampling import (
     MAX_NEW_TOKENS_CAP,
     SampleOutput,
@@ -29,9 +30,7 @@ def _logits(batch: int, vocab: int = V, seed: int = 0, scale: float = 3.0) -> to
     return torch.randn(batch, vocab, generator=g) * scale
 
 
-def _run(
-    logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]] | None = None
-) -> SampleOutput:
+def _run(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]] | None = None) -> SampleOutput:
     gens = [make_generator(p, "cpu") for p in params]
     return sample(logits, params, gens, histories or [[] for _ in params])
 
@@ -206,9 +205,7 @@ def test_greedy_with_repetition_penalty_equals_hf_generate(tmp_path: Path) -> No
 def test_seeded_rows_are_batch_invariant() -> None:
     steps = 6
     vocab = 257
-    target = SamplingParams(
-        temperature=0.9, top_k=40, top_p=0.95, min_p=0.01, repetition_penalty=1.2, seed=1234
-    )
+    target = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, min_p=0.01, repetition_penalty=1.2, seed=1234)
     all_logits = [_logits(5, vocab=vocab, seed=100 + s) for s in range(steps)]
 
     def run(position: int, batch: int, companions_seed: int) -> list[int]:
