@@ -56,9 +56,7 @@ _LAYER_KEY_RE = re.compile(
 _EMBED_KEY_RE = re.compile(
     r"^base_model\.model\.model\.embed_tokens\.(?:lora_embedding_(?P<part>A|B)|(?P<base>base_layer\.weight))$"
 )
-_HEAD_KEY_RE = re.compile(
-    r"^base_model\.model\.lm_head\.(?:lora_(?P<part>A|B)\.weight|(?P<base>base_layer\.weight))$"
-)
+_HEAD_KEY_RE = re.compile(r"^base_model\.model\.lm_head\.(?:lora_(?P<part>A|B)\.weight|(?P<base>base_layer\.weight))$")
 
 # Config keys naming PEFT features whose tensors or math this runtime does not implement: must be falsy.
 _UNSUPPORTED_FEATURES = (
@@ -117,13 +115,10 @@ def parse_lora_key(key: str) -> LoraKey:
     if m:
         path, part = m["path"], m["part"]
         group, _, module = path.rpartition(".")
-        if (group == "self_attn" and module in ATTENTION_MODULES) or (
-            group == "mlp" and module in MLP_MODULES
-        ):
+        if (group == "self_attn" and module in ATTENTION_MODULES) or (group == "mlp" and module in MLP_MODULES):
             return LoraKey(int(m["layer"]), module, "A" if part == "A" else "B")
         raise AdapterIncompatible(
-            f"tensor {key!r} adapts module {path!r}, which is not supported; "
-            f"supported: {', '.join(ALL_MODULES)}",
+            f"tensor {key!r} adapts module {path!r}, which is not supported; supported: {', '.join(ALL_MODULES)}",
         )
     m = _EMBED_KEY_RE.fullmatch(key)
     if m:
@@ -142,9 +137,7 @@ def parse_lora_key(key: str) -> LoraKey:
 
 def _compile(pattern: str, what: str) -> re.Pattern[str]:
     if not isinstance(pattern, str) or not pattern or len(pattern) > _MAX_PATTERN_LEN:
-        raise InvalidAdapter(
-            f"{what} {pattern!r} must be a non-empty string of at most {_MAX_PATTERN_LEN} chars"
-        )
+        raise InvalidAdapter(f"{what} {pattern!r} must be a non-empty string of at most {_MAX_PATTERN_LEN} chars")
     try:
         return re.compile(pattern)
     except re.error as exc:
@@ -236,9 +229,7 @@ def _str_list(value: Any, what: str) -> tuple[str, ...] | str | None:
         return value
     if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
         return tuple(value)
-    raise InvalidAdapter(
-        f"adapter_config {what} must be a string or a list of non-empty strings, got {value!r}"
-    )
+    raise InvalidAdapter(f"adapter_config {what} must be a string or a list of non-empty strings, got {value!r}")
 
 
 def parse_adapter_config(json_text: str | bytes) -> LoraConfigInfo:
@@ -288,14 +279,10 @@ def parse_adapter_config(json_text: str | bytes) -> LoraConfigInfo:
         layers_t = None
     elif isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0:
         layers_t = (layers,)
-    elif isinstance(layers, list) and all(
-        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
-    ):
+    elif isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
         layers_t = tuple(layers)
     else:
-        raise InvalidAdapter(
-            f"adapter_config layers_to_transform must be an int or list of ints, got {layers!r}"
-        )
+        raise InvalidAdapter(f"adapter_config layers_to_transform must be an int or list of ints, got {layers!r}")
     layers_pattern = _str_list(raw.get("layers_pattern"), "layers_pattern")
     if isinstance(layers_pattern, str):
         layers_pattern = (layers_pattern,)
@@ -320,9 +307,7 @@ def _all_slots(spec: ModelSpec) -> list[tuple[str, int | None]]:
     return slots
 
 
-def resolve_targets(
-    config: LoraConfigInfo, spec: ModelSpec, max_rank: int
-) -> dict[tuple[str, int | None], int]:
+def resolve_targets(config: LoraConfigInfo, spec: ModelSpec, max_rank: int) -> dict[tuple[str, int | None], int]:
     """Every (module, layer) of ``spec`` the config adapts, with its rank: all that is knowable pre-upload.
 
     Raises ``AdapterIncompatible`` when a listed target matches no supported module of this model, nothing is
@@ -390,9 +375,7 @@ def _check_tensor(
         return
     slot = (key.module, key.layer)
     if slot not in targets:
-        raise InvalidAdapter(
-            f"tensor {name!r} adapts {module_path(*slot)}, which adapter_config does not target"
-        )
+        raise InvalidAdapter(f"tensor {name!r} adapts {module_path(*slot)}, which adapter_config does not target")
     if len(info.shape) != 2:
         raise InvalidAdapter(f"tensor {name!r} has shape {list(info.shape)}, expected 2 dimensions")
     rank = targets[slot]
@@ -404,8 +387,7 @@ def _check_tensor(
         )
     if info.shape != want:
         raise InvalidAdapter(
-            f"tensor {name!r} has shape {list(info.shape)}, expected {list(want)} "
-            f"(rank {rank} from adapter_config)"
+            f"tensor {name!r} has shape {list(info.shape)}, expected {list(want)} (rank {rank} from adapter_config)"
         )
 
 
@@ -422,9 +404,7 @@ def validate_adapter(
     for name, info in sorted(tensors.items()):
         key = parse_lora_key(name)
         if info.dtype not in ALLOWED_DTYPES:
-            raise InvalidAdapter(
-                f"tensor {name!r} has dtype {info.dtype}, expected one of {', '.join(ALLOWED_DTYPES)}"
-            )
+            raise InvalidAdapter(f"tensor {name!r} has dtype {info.dtype}, expected one of {', '.join(ALLOWED_DTYPES)}")
         dtypes.add(info.dtype)
         if len(dtypes) > 1:
             raise InvalidAdapter(

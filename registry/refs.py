@@ -139,14 +139,12 @@ def validate_labels(labels: Mapping[str, str]) -> dict[str, str]:
     for key, value in labels.items():
         if not isinstance(key, str) or not LABEL_KEY_RE.fullmatch(key):
             raise InvalidArgument(
-                f"invalid label key {_shown(str(key))}: expected 1-63 chars of [a-z0-9_.-] "
-                "starting with a letter",
+                f"invalid label key {_shown(str(key))}: expected 1-63 chars of [a-z0-9_.-] starting with a letter",
                 reason="INVALID_LABEL",
             )
         if not isinstance(value, str) or len(value) > MAX_LABEL_VALUE_LEN or not value.isprintable():
             raise InvalidArgument(
-                f"invalid value for label {key!r}: expected a printable string of at most "
-                f"{MAX_LABEL_VALUE_LEN} chars",
+                f"invalid value for label {key!r}: expected a printable string of at most {MAX_LABEL_VALUE_LEN} chars",
                 reason="INVALID_LABEL",
             )
         out[key] = value
@@ -178,8 +176,7 @@ def parse_ref(ref: str) -> AdapterRef:
         return AdapterRef(name, namespace, "version", selector)
     if not ALIAS_RE.fullmatch(selector) or ".." in selector:
         raise InvalidArgument(
-            f"invalid selector in {_shown(ref)}: expected a version number, an alias, 'latest' "
-            "or sha256:<hex>",
+            f"invalid selector in {_shown(ref)}: expected a version number, an alias, 'latest' or sha256:<hex>",
             reason="INVALID_REF",
         )
     return AdapterRef(name, namespace, "alias", selector)

@@ -82,9 +82,7 @@ def _read_exact(source: bytes | bytearray | memoryview | IO[bytes], offset: int,
             remaining -= len(part)
         chunk = b"".join(parts)
     if len(chunk) != size:
-        raise InvalidAdapter(
-            f"safetensors file is truncated: wanted {size} bytes at offset {offset}, got {len(chunk)}"
-        )
+        raise InvalidAdapter(f"safetensors file is truncated: wanted {size} bytes at offset {offset}, got {len(chunk)}")
     return chunk
 
 
@@ -98,9 +96,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _check_metadata(value: Any) -> None:
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise InvalidAdapter("safetensors __metadata__ must be an object of string to string")
 
 
@@ -110,12 +106,8 @@ def _tensor_info(name: str, entry: Any, data_start: int, data_len: int) -> Tenso
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise InvalidAdapter(f"tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise InvalidAdapter(
-            f"tensor {name!r} has invalid shape {shape!r}: expected a list of non-negative ints"
-        )
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InvalidAdapter(f"tensor {name!r} has invalid shape {shape!r}: expected a list of non-negative ints")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -129,9 +121,7 @@ def _tensor_info(name: str, entry: Any, data_start: int, data_len: int) -> Tenso
         )
     expected = (math.prod(shape) * DTYPE_BITS[dtype] + 7) // 8
     if end - begin != expected:
-        raise InvalidAdapter(
-            f"tensor {name!r} occupies {end - begin} bytes but {dtype}{shape} needs {expected} bytes"
-        )
+        raise InvalidAdapter(f"tensor {name!r} occupies {end - begin} bytes but {dtype}{shape} needs {expected} bytes")
     return TensorInfo(dtype=dtype, shape=tuple(shape), start=data_start + begin, end=data_start + end)
 
 
@@ -145,18 +135,12 @@ def parse_safetensors_header(
     negative dims, offsets outside the data section, length != prod(shape) * itemsize, overlapping tensors.
     """
     if total_size < 8:
-        raise InvalidAdapter(
-            f"safetensors file is truncated: {total_size} bytes is shorter than the 8-byte prefix"
-        )
+        raise InvalidAdapter(f"safetensors file is truncated: {total_size} bytes is shorter than the 8-byte prefix")
     (header_len,) = struct.unpack("<Q", _read_exact(data, 0, 8))
     if header_len > MAX_HEADER_BYTES:
-        raise InvalidAdapter(
-            f"safetensors header length {header_len} exceeds the limit of {MAX_HEADER_BYTES}"
-        )
+        raise InvalidAdapter(f"safetensors header length {header_len} exceeds the limit of {MAX_HEADER_BYTES}")
     if header_len > total_size - 8:
-        raise InvalidAdapter(
-            f"safetensors header length {header_len} is larger than the file ({total_size} bytes)"
-        )
+        raise InvalidAdapter(f"safetensors header length {header_len} is larger than the file ({total_size} bytes)")
     raw = _read_exact(data, 8, header_len)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)

@@ -90,9 +90,7 @@ class ModelSpec:
         hidden = _positive_int(config, "hidden_size")
         layers = _positive_int(config, "num_hidden_layers")
         if layers > _MAX_LAYERS:
-            raise InvalidArgument(
-                f"num_hidden_layers {layers} exceeds {_MAX_LAYERS}", reason="INVALID_MODEL_CONFIG"
-            )
+            raise InvalidArgument(f"num_hidden_layers {layers} exceeds {_MAX_LAYERS}", reason="INVALID_MODEL_CONFIG")
         heads = _positive_int(config, "num_attention_heads")
         kv_heads = _positive_int(config, "num_key_value_heads", heads)
         if heads % kv_heads:
@@ -104,8 +102,7 @@ class ModelSpec:
             head_dim = _positive_int(config, "head_dim")
         elif hidden % heads:
             raise InvalidArgument(
-                f"hidden_size {hidden} is not divisible by num_attention_heads {heads} "
-                "and no head_dim is given",
+                f"hidden_size {hidden} is not divisible by num_attention_heads {heads} and no head_dim is given",
                 reason="INVALID_MODEL_CONFIG",
             )
         else:
