@@ -23,15 +23,16 @@ from loraplex.engine.sampling import (
 from loraplex.registry.errors import InvalidArgument
 
 V = 64
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
 
-def _logits(batch: int, vocab: int = V, seed: int = 0, scale: float = 3.0) -> torch.Tensor:
+def _logits(batch: int, vocab: int = V, seed: int = 0, scale: float = 3.0, device: str = "cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, vocab, generator=g) * scale
+    return (torch.randn(batch, vocab, generator=g) * scale).to(device)
 
 
 def _run(logits: torch.Tensor, params: list[SamplingParams], histories: list[list[int]] | None = None) -> SampleOutput:
-    gens = [make_generator(p, "cpu") for p in params]
+    gens = [make_generator(p, logits.device) for p in params]
     return sample(logits, params, gens, histories or [[] for _ in params])
 
 
@@ -64,8 +65,9 @@ def _filtered(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- greedy family
 
 
-def test_greedy_is_argmax() -> None:
-    logits = _logits(6)
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_is_argmax(device: str) -> None:
+    logits = _logits(6, device=device)
     out = _run(logits, [SamplingParams()] * 6)
     assert out.token_ids == logits.argmax(-1).tolist()
     assert SamplingParams().is_greedy and make_generator(SamplingParams(), "cpu") is None
@@ -202,11 +204,12 @@ def test_greedy_with_repetition_penalty_equals_hf_generate(tmp_path: Path) -> No
 # ---------------------------------------------------------------------------------------------- determinism
 
 
-def test_seeded_rows_are_batch_invariant() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_rows_are_batch_invariant(device: str) -> None:
     steps = 6
     vocab = 257
     target = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, min_p=0.01, repetition_penalty=1.2, seed=1234)
-    all_logits = [_logits(5, vocab=vocab, seed=100 + s) for s in range(steps)]
+    all_logits = [_logits(5, vocab=vocab, seed=100 + s, device=device) for s in range(steps)]
 
     def run(position: int, batch: int, companions_seed: int) -> list[int]:
         rng = torch.Generator().manual_seed(companions_seed)
@@ -223,7 +226,7 @@ def test_seeded_rows_are_batch_invariant() -> None:
                     seed=None if i % 2 else int(torch.randint(0, 1000, (1,), generator=rng)),
                 )
             )
-        gens = [make_generator(p, "cpu") for p in params]
+        gens = [make_generator(p, device) for p in params]
         histories: list[list[int]] = [[3, 4, 5] for _ in params]
         tokens = []
         for s in range(steps):
@@ -267,7 +270,8 @@ def test_same_seed_same_stream_and_generator_required() -> None:
 # ---------------------------------------------------------------------------------------------- statistics
 
 
-def test_sampled_frequencies_follow_the_filtered_softmax() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampled_frequencies_follow_the_filtered_softmax(device: str) -> None:
     logits = torch.tensor([[2.0, 1.5, 1.2, 1.0, 0.3, 0.2, -1.0, -2.0]])
     p = SamplingParams(temperature=0.8, top_k=6, top_p=0.9)
     expected = torch.softmax(_hf_filtered(logits, p), dim=-1)[0]
@@ -276,8 +280,8 @@ def test_sampled_frequencies_follow_the_filtered_softmax() -> None:
 
     rows = 500
     params = [SamplingParams(**{**p.__dict__, "seed": 10_000 + i}) for i in range(rows)]
-    gens = [make_generator(q, "cpu") for q in params]
-    batch = logits.expand(rows, -1).contiguous()
+    gens = [make_generator(q, device) for q in params]
+    batch = logits.expand(rows, -1).contiguous().to(device)
     counts: Counter[int] = Counter()
     for _ in range(40):
         counts.update(sample(batch, params, gens, [[]] * rows).token_ids)
@@ -301,8 +305,9 @@ def test_min_p_never_samples_below_the_floor() -> None:
 # -------------------------------------------------------------------------------------- logprobs + masks
 
 
-def test_logprobs_are_raw_log_softmax() -> None:
-    logits = _logits(3, seed=6)
+@pytest.mark.parametrize("device", DEVICES)
+def test_logprobs_are_raw_log_softmax(device: str) -> None:
+    logits = _logits(3, seed=6, device=device)
     params = [
         SamplingParams(logprobs=True, top_logprobs=5, repetition_penalty=2.0),
         SamplingParams(temperature=0.5, top_k=3, seed=1, logprobs=True, top_logprobs=20),
