@@ -231,7 +231,8 @@ def sample(
         raise ValueError("banned needs one entry per logits row")
     device = logits.device
     raw = logits.float()
-    logprobs = torch.log_softmax(raw, dim=-1)  # [B, V]
+    # log_softmax(raw) = raw - logsumexp(raw); only [B] is kept, never a second [B, V] buffer.
+    log_z = torch.logsumexp(raw, dim=-1)  # [B]
 
     x = apply_repetition_penalty(raw, [p.repetition_penalty for p in params], histories)
     if banned is not None:
@@ -250,8 +251,8 @@ def sample(
             x[r_index], [params[i] for i in random_rows], [generators[i] for i in random_rows], vocab
         )
 
-    chosen_logprobs = logprobs.gather(1, chosen[:, None]).squeeze(1)
-    top = [_top_logprobs(logprobs[i], p.top_logprobs) if p.top_logprobs > 0 else [] for i, p in enumerate(params)]
+    chosen_logprobs = raw.gather(1, chosen[:, None]).squeeze(1) - log_z
+    top = [_top_logprobs(raw[i] - log_z[i], p.top_logprobs) if p.top_logprobs > 0 else [] for i, p in enumerate(params)]
     return SampleOutput(token_ids=chosen.tolist(), logprobs=chosen_logprobs.tolist(), top_logprobs=top)
 
 
