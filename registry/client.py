@@ -25,7 +25,7 @@ CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
 T = TypeVar("T")
 
 
-def error_from_rpc(exc: grpc.aio.AioRpcError) -> LoraplexError:
+def error_from_rpc(exc: grpc.aio.AioRpcError, peer: str = "registry") -> LoraplexError:
     """The domain error behind a failed call (ErrorInfo reason when the server sent one)."""
     reason, metadata = "", {}
     for key, value in exc.trailing_metadata() or ():
@@ -38,7 +38,7 @@ def error_from_rpc(exc: grpc.aio.AioRpcError) -> LoraplexError:
     code = exc.code()
     message = exc.details() or code.name
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not reason:
-        return Unavailable(f"registry unavailable: {message}", reason="REGISTRY_UNAVAILABLE")
+        return Unavailable(f"{peer} unavailable: {message}", reason=f"{peer.upper()}_UNAVAILABLE")
     return error_from_status(code.name, message, reason, metadata)
 
 

@@ -97,8 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--force", action="store_true", help="deleting a whole adapter: also delete its versions")
     delete.set_defaults(handler=cli_registry.adapters_delete)
 
+    demo = top.add_parser("demo", help="run the registry on embedded defaults and push/list/resolve demo adapters")
+    demo.set_defaults(handler=_demo)
+
     _add_optional_commands(top, client, as_json)
     return parser
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from loraplex.services.demo import demo_settings, run_demo
+
+    return await run_demo(demo_settings())
 
 
 def _add_optional_commands(top: Any, client: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:

@@ -53,6 +53,36 @@ class RegistrySettings:
     log_level: str = opt("info", "log level")
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """The engine server."""
+
+    model: str = opt("", "Hugging Face model folder (config.json, *.safetensors, tokenizer.json)")
+    base_model: str = opt("", "the model's registry name; adapters for another base model are refused")
+    registry: str = opt(
+        "", "registry HOST:PORT to pull adapters from (empty: base model only)", env="LORAPLEX_REGISTRY"
+    )
+    registry_token: str | None = opt(None, "token for registry calls when the caller sends none")
+    listen: str = opt("127.0.0.1:50051", "address to listen on")
+    tokens_file: str | None = opt(None, "JSON file of bearer tokens (admin RPCs need the admin scope)")
+    insecure: bool = opt(False, "allow listening beyond loopback without tokens")
+    device: str = opt("cpu", "cpu or cuda")
+    dtype: str = opt("auto", "auto, float32, bfloat16 or float16")
+    max_num_seqs: int = opt(64, "sequences per batch")
+    max_num_batched_tokens: int = opt(1024, "tokens per step (prefill chunks + decodes)")
+    max_adapters_per_batch: int = opt(16, "distinct adapters per step (device pool slots)")
+    max_lora_rank: int = opt(64, "largest adapter rank this engine serves")
+    kv_cache_bytes: int | None = opt(None, "KV-cache budget in bytes (default: max_num_seqs x 2048 tokens)")
+    block_size: int = opt(16, "tokens per KV block")
+    gpu_adapter_bytes: int | None = opt(None, "device adapter pool budget (default: every slot at max rank)")
+    host_adapter_bytes: int = opt(2 * GiB, "host adapter cache budget")
+    alias_ttl_seconds: float = opt(5.0, "how long a resolved alias or 'latest' is trusted")
+    max_queue: int = opt(1024, "requests in flight before RESOURCE_EXHAUSTED")
+    max_model_len: int | None = opt(None, "context length cap (default: the model's)")
+    metrics_port: int | None = opt(None, "serve Prometheus metrics on this port (127.0.0.1)")
+    log_level: str = opt("info", "log level")
+
+
 def _env_name(f: dataclasses.Field[Any]) -> str:
     return str(f.metadata.get("env") or "LORAPLEX_" + f.name.upper())
 

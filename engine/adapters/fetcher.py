@@ -1,0 +1,251 @@
+"""Adapters on demand: resolve a registry reference, fetch its weights once, verify, validate, cache on the host.
+
+The miss path is ``resolve → download → sha256 + digest verified → HostAdapter (validated against this engine's
+model) → host tier``; the device tier is filled by the scheduler when a batch needs the adapter. Why here and
+not in the scheduler: all I/O stays on the event loop, never inside a step.
+
+- Identity is the version digest. Mutable selectors (``ns/name``, ``@alias``) are cached for ``alias_ttl_s`` and
+  then resolved again, so a re-pointed alias reaches new requests within the TTL and never serves stale weights;
+  ``@3`` and ``@sha256:…`` are immutable and cached until evicted. Resolutions are cached per caller token, so
+  the registry's tenancy rules apply to every caller even when the weights are already here.
+- Single flight: concurrent requests for one cold digest share one download task.
+- While the registry is unreachable, a reference resolved before keeps serving from cache; anything else gets
+  UNAVAILABLE.
+- The host tier has a byte budget with LRU eviction; adapters used by live requests, and pinned ones, stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from loraplex.engine.adapters.host import HostAdapter
+from loraplex.engine.engine import LLMEngine
+from loraplex.registry.client import RegistryClient
+from loraplex.registry.digest import version_digest
+from loraplex.registry.errors import (
+    AdapterIncompatible,
+    FailedPrecondition,
+    LoraplexError,
+    ResourceExhausted,
+    Unavailable,
+)
+from loraplex.registry.refs import parse_ref
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    ref: str
+    adapter: str
+    version: int
+    digest: str
+    weights_sha256: str
+    size_bytes: int
+    rank: int
+    base_model: str
+
+
+@dataclass
+class HostEntry:
+    resolved: ResolvedAdapter
+    nbytes: int
+    last_used: float
+    pinned: bool = False
+
+
+@dataclass
+class FetchStats:
+    """Counters the metrics endpoint and tests read."""
+
+    downloads: int = 0
+    download_failures: int = 0
+    resolve_hits: int = 0
+    resolve_misses: int = 0
+    host_hits: int = 0
+    host_misses: int = 0
+    host_evictions: int = 0
+    load_seconds: list[float] = field(default_factory=list)
+
+
+class AdapterFetcher:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        client: RegistryClient,
+        *,
+        base_model: str | None,
+        max_rank: int,
+        host_budget_bytes: int,
+        alias_ttl_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_load: Callable[[float], None] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._client = client
+        self._base_model = base_model
+        self._max_rank = max_rank
+        self._budget = host_budget_bytes
+        self._ttl = alias_ttl_s
+        self._clock = clock
+        self._on_load = on_load
+        self._resolved: dict[tuple[str, str], tuple[ResolvedAdapter, float]] = {}
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._host: OrderedDict[str, HostEntry] = OrderedDict()  # LRU order: oldest first
+        self.stats = FetchStats()
+
+    # -- resolution ----------------------------------------------------------------------------------------
+    async def resolve(self, ref: str, token: str = "") -> ResolvedAdapter:
+        parsed = parse_ref(ref)  # InvalidArgument for a malformed reference, before any network
+        key = (str(parsed), hashlib.sha256(token.encode()).hexdigest())
+        cached = self._resolved.get(key)
+        now = self._clock()
+        if cached is not None and cached[1] > now:
+            self.stats.resolve_hits += 1
+            return cached[0]
+        self.stats.resolve_misses += 1
+        try:
+            version = await self._client.resolve(str(parsed), token=token or None)
+        except Unavailable:
+            if cached is not None:  # the registry is down: keep serving what this caller resolved before
+                log.warning("registry unavailable; serving %s from cache", ref)
+                return cached[0]
+            raise
+        resolved = ResolvedAdapter(
+            ref=ref,
+            adapter=version.adapter,
+            version=version.version,
+            digest=version.digest,
+            weights_sha256=version.weights_sha256,
+            size_bytes=version.size_bytes,
+            rank=max([version.rank, *version.module_ranks.values()]),
+            base_model=version.base_model,
+        )
+        self._check_compatible(resolved)
+        immutable = parsed.selector_kind in ("version", "digest")
+        self._resolved[key] = (resolved, float("inf") if immutable else now + self._ttl)
+        return resolved
+
+    def _check_compatible(self, resolved: ResolvedAdapter) -> None:
+        if self._base_model and resolved.base_model != self._base_model:
+            raise AdapterIncompatible(
+                f"{resolved.adapter}@{resolved.version} is for base model {resolved.base_model!r}; "
+                f"this engine serves {self._base_model!r}",
+                metadata={"adapter": resolved.adapter, "base_model": resolved.base_model},
+            )
+        if resolved.rank > self._max_rank:
+            raise AdapterIncompatible(
+                f"{resolved.adapter}@{resolved.version} has rank {resolved.rank}, over this engine's max rank "
+                f"{self._max_rank}",
+                metadata={"adapter": resolved.adapter, "rank": str(resolved.rank)},
+            )
+
+    # -- host residency ------------------------------------------------------------------------------------
+    def ensure(self, resolved: ResolvedAdapter, token: str = "") -> asyncio.Task[None] | None:
+        """Make ``resolved`` host-resident: None when it already is, else the (shared) fetch task."""
+        entry = self._host.get(resolved.digest)
+        if entry is not None and self._engine.has_adapter(resolved.digest):
+            self.stats.host_hits += 1
+            entry.last_used = self._clock()
+            self._host.move_to_end(resolved.digest)
+            return None
+        task = self._inflight.get(resolved.digest)
+        if task is None or task.done():  # a finished task already failed its waiters: start afresh
+            self.stats.host_misses += 1
+            task = asyncio.create_task(self._fetch(resolved, token), name=f"fetch {resolved.digest[:19]}")
+            self._inflight[resolved.digest] = task
+            task.add_done_callback(lambda _t, d=resolved.digest: self._inflight.pop(d, None))
+        return task
+
+    async def _fetch(self, resolved: ResolvedAdapter, token: str) -> None:
+        started = self._clock()
+        try:
+            downloaded = await self._client.download(f"{resolved.adapter}@{resolved.digest}", token=token or None)
+            self.stats.downloads += 1
+            version = downloaded.version
+            expected = version_digest(version.adapter_config_json, hashlib.sha256(downloaded.weights).hexdigest())
+            if expected != resolved.digest:
+                raise Unavailable(
+                    f"downloaded {resolved.adapter}@{resolved.version} does not match digest {resolved.digest}",
+                    reason="DOWNLOAD_CORRUPT",
+                )
+            spec = self._engine.model_spec
+            adapter = await asyncio.to_thread(
+                HostAdapter.from_bytes, version.adapter_config_json, downloaded.weights, spec, self._max_rank
+            )
+            self._make_room(adapter.nbytes, resolved.digest)
+            self._engine.add_adapter(resolved.digest, adapter)
+            self._host[resolved.digest] = HostEntry(resolved, adapter.nbytes, self._clock())
+            elapsed = self._clock() - started
+            self.stats.load_seconds.append(elapsed)
+            if self._on_load is not None:
+                self._on_load(elapsed)
+        except LoraplexError as exc:
+            self.stats.download_failures += 1
+            self._engine.fail_adapter(resolved.digest, _incompatible_if_invalid(exc))
+            raise
+        except Exception as exc:
+            self.stats.download_failures += 1
+            log.exception("loading adapter %s failed", resolved.digest)
+            self._engine.fail_adapter(resolved.digest, Unavailable(f"loading adapter failed: {exc}"))
+            raise
+
+    def _make_room(self, needed: int, incoming: str) -> None:
+        """Evict least-recently-used, unpinned, unused host adapters until ``needed`` bytes fit."""
+        used = sum(e.nbytes for e in self._host.values())
+        for digest in list(self._host):
+            if used + needed <= self._budget:
+                break
+            entry = self._host[digest]
+            if entry.pinned or digest == incoming:
+                continue
+            try:
+                self._engine.remove_adapter(digest)
+            except FailedPrecondition:
+                continue  # in use by a live request
+            used -= entry.nbytes
+            del self._host[digest]
+            self.stats.host_evictions += 1
+        if used + needed > self._budget:
+            raise ResourceExhausted(
+                f"host adapter cache is full ({used} of {self._budget} bytes held by pinned or busy adapters)",
+                reason="HOST_CACHE_FULL",
+            )
+
+    # -- admin ---------------------------------------------------------------------------------------------
+    def entries(self) -> list[HostEntry]:
+        return list(self._host.values())
+
+    def entry(self, digest: str) -> HostEntry | None:
+        return self._host.get(digest)
+
+    def pin(self, digest: str, pinned: bool) -> HostEntry:
+        entry = self._host.get(digest)
+        if entry is None:
+            raise FailedPrecondition(f"adapter {digest} is not resident; prefetch it first", reason="NOT_RESIDENT")
+        entry.pinned = pinned
+        return entry
+
+    def evict(self, digest: str) -> bool:
+        """Drop a host-resident adapter (``FailedPrecondition`` while requests use it)."""
+        if digest not in self._host:
+            return False
+        self._engine.remove_adapter(digest)
+        del self._host[digest]
+        self.stats.host_evictions += 1
+        for key in [k for k, (r, _) in self._resolved.items() if r.digest == digest]:
+            del self._resolved[key]
+        return True
+
+
+def _incompatible_if_invalid(exc: LoraplexError) -> LoraplexError:
+    """An adapter the registry accepted but this engine cannot hold is a precondition failure, not bad input."""
+    if exc.code == "INVALID_ARGUMENT":
+        return AdapterIncompatible(exc.message, metadata=exc.metadata)
+    return exc

@@ -1,0 +1,140 @@
+"""Builds and runs the engine from ``EngineSettings``: server up (NOT_SERVING) → load → warm up → SERVING."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from loraplex.engine.adapters.fetcher import AdapterFetcher
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.engine import LLMEngine
+from loraplex.engine.request import GenerationRequest
+from loraplex.engine.sampling import SamplingParams
+from loraplex.engine.v1 import engine_service_pb2 as pb
+from loraplex.engine.v1 import engine_service_pb2_grpc as pb_grpc
+from loraplex.registry.client import RegistryClient
+from loraplex.registry.errors import InvalidArgument
+from loraplex.services.auth import TokenAuthority
+from loraplex.services.engine_metrics import EngineMetrics
+from loraplex.services.engine_servicer import SERVICE_NAME, EngineRuntime, EngineServicer
+from loraplex.services.server import ServerHandle, ServiceBinding, run_until_signal, start_server
+from loraplex.services.settings import EngineSettings
+
+log = logging.getLogger("loraplex.engine")
+
+
+def engine_config(settings: EngineSettings) -> EngineConfig:
+    if not settings.model:
+        raise InvalidArgument("--model is required: a Hugging Face model folder")
+    return EngineConfig(
+        model_dir=Path(settings.model),
+        device=settings.device,
+        dtype=settings.dtype,
+        block_size=settings.block_size,
+        kv_cache_bytes=settings.kv_cache_bytes,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_adapters_per_step=settings.max_adapters_per_batch,
+        max_lora_rank=settings.max_lora_rank,
+        gpu_adapter_bytes=settings.gpu_adapter_bytes,
+        max_queue=settings.max_queue,
+        max_model_len=settings.max_model_len,
+    )
+
+
+async def warm_up(engine: LLMEngine) -> None:
+    """One tiny generation so the first user request does not pay for lazy initialisation."""
+    request = GenerationRequest("warmup", [0, 1, 2], SamplingParams(max_new_tokens=2, ignore_eos=True))
+    async for _ in engine.generate(request):
+        pass
+
+
+def model_info(settings: EngineSettings, engine: LLMEngine, config: EngineConfig) -> pb.GetModelInfoResponse:
+    stats = engine.stats()
+    spec = engine.model_spec
+    return pb.GetModelInfoResponse(
+        base_model=settings.base_model or Path(settings.model).name,
+        architecture=spec.architecture,
+        max_context_length=engine.max_model_len,
+        max_lora_rank=config.max_lora_rank,
+        vocab_size=spec.vocab_size,
+        device=settings.device,
+        dtype=str(engine.core.loaded.dtype).removeprefix("torch."),
+        device_adapter_capacity_bytes=sum(w.a_rows.nbytes + w.b_rows.nbytes for w in engine.core.pool.weights.values()),
+        host_adapter_capacity_bytes=settings.host_adapter_bytes,
+        max_adapters_per_batch=config.max_adapters_per_step,
+        kv_cache_blocks=stats.kv_blocks_total,
+        kv_block_size=config.block_size,
+    )
+
+
+class EngineApp:
+    """The running pieces, so tests and the CLI can start, inspect and stop one engine the same way."""
+
+    def __init__(self, settings: EngineSettings):
+        self.settings = settings
+        self.servicer = EngineServicer()
+        self.metrics = EngineMetrics()
+        self.handle: ServerHandle | None = None
+        self.engine: LLMEngine | None = None
+        self.fetcher: AdapterFetcher | None = None
+        self.client: RegistryClient | None = None
+        self.metrics_port: int | None = None
+
+    async def start(self) -> ServerHandle:
+        s = self.settings
+        authority = TokenAuthority.from_file(s.tokens_file)
+        binding = ServiceBinding(SERVICE_NAME, self.servicer, pb_grpc.add_EngineServiceServicer_to_server)
+        self.handle = await start_server([binding], s.listen, authority, insecure=s.insecure, serving=False)
+        config = engine_config(s)
+        config.validate()
+        engine = await asyncio.to_thread(LLMEngine.load, config)
+        await engine.start()
+        await warm_up(engine)
+        self.engine = engine
+        if s.registry:
+            self.client = RegistryClient(s.registry, s.registry_token)
+            self.fetcher = AdapterFetcher(
+                engine,
+                self.client,
+                base_model=s.base_model or None,
+                max_rank=config.max_lora_rank,
+                host_budget_bytes=s.host_adapter_bytes,
+                alias_ttl_s=s.alias_ttl_seconds,
+                on_load=lambda seconds: self.metrics.adapter_load.labels("registry").observe(seconds),
+            )
+        self.metrics.bind_gauges(self._gauges)
+        if s.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(s.metrics_port)
+        self.servicer.runtime = EngineRuntime(engine, self.fetcher, model_info(s, engine, config), self.metrics)
+        await self.handle.set_serving(True)
+        log.info("engine serving", extra={"port": self.handle.port, "model": s.model})
+        return self.handle
+
+    def _gauges(self) -> dict[str, float]:
+        if self.engine is None:
+            return {"waiting": 0, "running": 0, "kv_free": 0, "device_bytes": 0, "host_bytes": 0}
+        st = self.engine.stats()
+        return {
+            "waiting": st.num_waiting,
+            "running": st.num_running,
+            "kv_free": st.kv_blocks_free,
+            "device_bytes": sum(r.nbytes for r in st.resident_adapters),
+            "host_bytes": sum(st.host_adapters.values()),
+        }
+
+    async def stop(self) -> None:
+        if self.handle is not None:
+            await self.handle.stop(grace=2.0)
+        if self.engine is not None:
+            await self.engine.shutdown()
+        if self.client is not None:
+            await self.client.close()
+
+
+async def serve_engine(settings: EngineSettings) -> None:
+    app = EngineApp(settings)
+    handle = await app.start()
+    print(f"loraplex engine listening on port {handle.port}", flush=True)
+    await run_until_signal(handle, on_stop=app.stop)

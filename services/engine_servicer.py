@@ -1,0 +1,238 @@
+"""gRPC face of the engine: validate, resolve the adapter, submit, relay deltas; admin RPCs over the caches.
+
+The request path (DESIGN.md): parse + validate (pure) → resolve the reference with the caller's token (typed
+NOT_FOUND / PERMISSION_DENIED / FAILED_PRECONDITION straight from the registry) → submit to the engine → start or
+join the adapter's fetch (the request waits in the scheduler's queue, the batch goes on) → relay deltas.
+Cancellation and deadlines cancel this handler; closing the engine's iterator aborts the request, which frees
+its KV blocks and adapter reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from loraplex.engine.adapters.fetcher import AdapterFetcher, HostEntry, ResolvedAdapter
+from loraplex.engine.engine import LLMEngine
+from loraplex.engine.request import GenerationRequest
+from loraplex.engine.v1 import engine_service_pb2 as pb
+from loraplex.engine.v1 import engine_service_pb2_grpc as pb_grpc
+from loraplex.registry.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from loraplex.services.auth import require_admin, token_var
+from loraplex.services.engine_convert import (
+    check_request_id,
+    finish_reason_pb,
+    prompt_token_ids,
+    sampling_params,
+    tokens_pb,
+)
+from loraplex.services.engine_metrics import EngineMetrics
+
+Context = grpc.aio.ServicerContext[Any, Any]
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EngineService"].full_name
+
+
+@dataclass
+class EngineRuntime:
+    """What the servicer needs once the model is loaded (None until then: calls get UNAVAILABLE)."""
+
+    engine: LLMEngine
+    fetcher: AdapterFetcher | None
+    info: pb.GetModelInfoResponse
+    metrics: EngineMetrics
+
+
+class EngineServicer(pb_grpc.EngineServiceServicer):
+    def __init__(self) -> None:
+        self.runtime: EngineRuntime | None = None
+
+    def _rt(self) -> EngineRuntime:
+        if self.runtime is None:
+            raise Unavailable("the engine is still loading its model", reason="ENGINE_LOADING")
+        return self.runtime
+
+    def _fetcher(self) -> AdapterFetcher:
+        fetcher = self._rt().fetcher
+        if fetcher is None:
+            raise FailedPrecondition("this engine has no registry configured (--registry)", reason="NO_REGISTRY")
+        return fetcher
+
+    # -- generation --------------------------------------------------------------------------------------
+    async def _submit(
+        self, request: pb.GenerateStreamRequest | pb.GenerateRequest
+    ) -> tuple[str, ResolvedAdapter | None, list[int], AsyncIterator[Any]]:
+        rt = self._rt()
+        check_request_id(request.request_id)
+        request_id = request.request_id or uuid.uuid4().hex
+        prompt = prompt_token_ids(request, rt.engine.tokenizer)
+        params = sampling_params(request)
+        resolved: ResolvedAdapter | None = None
+        if request.adapter:
+            resolved = await self._fetcher().resolve(request.adapter, token_var.get())
+        stream = rt.engine.generate(
+            GenerationRequest(request_id, prompt, params, resolved.digest if resolved else None)
+        )
+        if resolved is not None:
+            task = self._fetcher().ensure(resolved, token_var.get())
+            if task is not None:
+                task.add_done_callback(_consume_exception)
+        return request_id, resolved, prompt, stream
+
+    async def GenerateStream(
+        self, request: pb.GenerateStreamRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        rt = self._rt()
+        started = time.perf_counter()
+        request_id, resolved, prompt, stream = await self._submit(request)
+        wants_tokens = request.response.token_ids or request.response.logprobs or request.response.top_logprobs > 0
+        first, last_token_at = True, 0.0
+        outcome = "error"
+        try:
+            async for delta in stream:
+                now = time.perf_counter()
+                if delta.token_ids:
+                    rt.metrics.tokens.inc(len(delta.token_ids))
+                    if last_token_at == 0.0:
+                        rt.metrics.ttft.observe(now - started)
+                    else:
+                        rt.metrics.itl.observe(now - last_token_at)
+                    last_token_at = now
+                message = pb.GenerateStreamResponse(
+                    request_id=request_id,
+                    text=delta.text,
+                    tokens=tokens_pb(delta, wants_tokens),
+                    usage=pb.Usage(
+                        prompt_tokens=delta.usage.prompt_tokens, completion_tokens=delta.usage.completion_tokens
+                    ),
+                    finish_reason=finish_reason_pb(delta.finish_reason),
+                )
+                if first:
+                    _decorate_first(message, resolved, prompt, request.response.prompt_tokens)
+                    first = False
+                yield message
+            outcome = "ok"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            rt.metrics.requests.labels(outcome).inc()
+
+    async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
+        rt = self._rt()
+        request_id, resolved, prompt, stream = await self._submit(request)
+        wants_tokens = request.response.token_ids or request.response.logprobs or request.response.top_logprobs > 0
+        response = pb.GenerateResponse(request_id=request_id)
+        _decorate_first(response, resolved, prompt, request.response.prompt_tokens)
+        texts: list[str] = []
+        outcome = "error"
+        try:
+            async for delta in stream:
+                texts.append(delta.text)
+                response.tokens.extend(tokens_pb(delta, wants_tokens))
+                response.usage.prompt_tokens = delta.usage.prompt_tokens
+                response.usage.completion_tokens = delta.usage.completion_tokens
+                response.finish_reason = finish_reason_pb(delta.finish_reason)  # type: ignore[assignment]
+                rt.metrics.tokens.inc(len(delta.token_ids))
+            outcome = "ok"
+        finally:
+            rt.metrics.requests.labels(outcome).inc()
+        response.text = "".join(texts)
+        return response
+
+    # -- model and tokenizer -----------------------------------------------------------------------------
+    async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
+        encoding = self._rt().engine.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+        return pb.TokenizeResponse(token_ids=encoding.ids, tokens=encoding.tokens)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.GetModelInfoResponse:
+        return self._rt().info
+
+    # -- adapter caches ----------------------------------------------------------------------------------
+    async def ListResidentAdapters(
+        self, request: pb.ListResidentAdaptersRequest, context: Context
+    ) -> pb.ListResidentAdaptersResponse:
+        rt = self._rt()
+        fetcher = rt.fetcher
+        entries = fetcher.entries() if fetcher is not None else []
+        return pb.ListResidentAdaptersResponse(adapters=[self._resident(e) for e in entries])
+
+    def _resident(self, entry: HostEntry) -> pb.ResidentAdapter:
+        rt = self._rt()
+        device = {info.key: info for info in rt.engine.stats().resident_adapters}
+        on_device = device.get(entry.resolved.digest)
+        users = rt.engine.core.host.users(entry.resolved.digest)
+        wall = time.time() - (time.monotonic() - entry.last_used)
+        ts = timestamp_pb2.Timestamp()
+        ts.FromNanoseconds(int(wall * 1e9))
+        return pb.ResidentAdapter(
+            adapter=entry.resolved.adapter,
+            version=entry.resolved.version,
+            digest=entry.resolved.digest,
+            tier=pb.CACHE_TIER_DEVICE if on_device is not None else pb.CACHE_TIER_HOST,
+            size_bytes=entry.nbytes,
+            last_used_time=ts,
+            pinned=entry.pinned,
+            active_requests=users,
+            rank=entry.resolved.rank,
+        )
+
+    async def PrefetchAdapter(self, request: pb.PrefetchAdapterRequest, context: Context) -> pb.PrefetchAdapterResponse:
+        fetcher = self._fetcher()
+        if not request.adapter:
+            raise InvalidArgument("adapter is required")
+        resolved = await fetcher.resolve(request.adapter, token_var.get())
+        task = fetcher.ensure(resolved, token_var.get())
+        if task is not None:
+            await asyncio.shield(task)
+        entry = fetcher.entry(resolved.digest)
+        if entry is None:
+            raise Unavailable(f"{request.adapter} was evicted before it could be reported")
+        return pb.PrefetchAdapterResponse(adapter=self._resident(entry))
+
+    async def EvictAdapter(self, request: pb.EvictAdapterRequest, context: Context) -> pb.EvictAdapterResponse:
+        require_admin()
+        fetcher = self._fetcher()
+        resolved = await fetcher.resolve(request.adapter, token_var.get())
+        if not fetcher.evict(resolved.digest):
+            raise NotFound(f"{request.adapter} is not resident in this engine", reason="ADAPTER_NOT_RESIDENT")
+        return pb.EvictAdapterResponse(digests=[resolved.digest])
+
+    async def PinAdapter(self, request: pb.PinAdapterRequest, context: Context) -> pb.PinAdapterResponse:
+        require_admin()
+        fetcher = self._fetcher()
+        resolved = await fetcher.resolve(request.adapter, token_var.get())
+        if request.pinned:
+            task = fetcher.ensure(resolved, token_var.get())
+            if task is not None:
+                await asyncio.shield(task)
+        entry = fetcher.pin(resolved.digest, request.pinned)
+        return pb.PinAdapterResponse(adapter=self._resident(entry))
+
+
+def _decorate_first(
+    message: pb.GenerateStreamResponse | pb.GenerateResponse,
+    resolved: ResolvedAdapter | None,
+    prompt: list[int],
+    echo_prompt: bool,
+) -> None:
+    if resolved is not None:
+        message.adapter.CopyFrom(
+            pb.ResolvedAdapter(
+                ref=resolved.ref, adapter=resolved.adapter, version=resolved.version, digest=resolved.digest
+            )
+        )
+    if echo_prompt:
+        message.prompt_token_ids.extend(prompt)
+
+
+def _consume_exception(task: asyncio.Task[None]) -> None:
+    """The fetch's failure reaches waiting requests through the engine; don't also log it as unretrieved."""
+    if not task.cancelled():
+        task.exception()
