@@ -33,6 +33,7 @@ MAX_NEW_TOKENS_CAP = 131_072  # the longest context of current open models; anyt
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_TOP_LOGPROBS = 20
+GREEDY_TEMPERATURE = 1e-5
 _UINT64_LIMIT = 1 << 64
 
 
@@ -40,7 +41,7 @@ _UINT64_LIMIT = 1 << 64
 class SamplingParams:
     """How one request turns logits into tokens and when it stops; immutable for the request's lifetime."""
 
-    temperature: float = 0.0  # 0 → greedy argmax
+    temperature: float = 0.0  # 0 (or below GREEDY_TEMPERATURE) → greedy argmax
     top_k: int = 0  # 0 → off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -58,8 +59,12 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        """Greedy rows take the argmax and use no randomness (and no generator)."""
-        return self.temperature == 0.0
+        """Greedy rows take the argmax and use no randomness (and no generator).
+
+        Temperatures below ``GREEDY_TEMPERATURE`` count as 0: dividing logits by them would overflow to inf
+        and make the softmax NaN, while the limit they approach is exactly the argmax.
+        """
+        return self.temperature < GREEDY_TEMPERATURE
 
     def validate(self, vocab_size: int) -> None:
         """Reject values that are meaningless or abusive; the message names the offending field."""
@@ -224,7 +229,7 @@ def sample(
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
-    batch, vocab = logits.shape
+    batch = logits.shape[0]
     if not (len(params) == len(generators) == len(histories) == batch):
         raise ValueError("params, generators and histories need one entry per logits row")
     if banned is not None and len(banned) != batch:
@@ -248,7 +253,7 @@ def sample(
     if random_rows:
         r_index = torch.tensor(random_rows, dtype=torch.long, device=device)
         chosen[r_index] = _sample_rows(
-            x[r_index], [params[i] for i in random_rows], [generators[i] for i in random_rows], vocab
+            x[r_index], [params[i] for i in random_rows], [generators[i] for i in random_rows]
         )
 
     chosen_logprobs = raw.gather(1, chosen[:, None]).squeeze(1) - log_z
@@ -260,7 +265,6 @@ def _sample_rows(
     x: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
-    vocab: int,
 ) -> torch.Tensor:
     """x: [R, V] penalised logits of the non-greedy rows → [R] sampled token ids."""
     device = x.device
@@ -269,7 +273,9 @@ def _sample_rows(
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
     min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
     scaled = x / temperature[:, None]
-    probs = torch.softmax(filter_logits(scaled, top_k, top_p, min_p), dim=-1)  # [R, V]
+    if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
+        scaled = filter_logits(scaled, top_k, top_p, min_p)  # the sort inside is skipped when nobody filters
+    probs = torch.softmax(scaled, dim=-1)  # [R, V]
     q = torch.empty_like(probs)  # [R, V]
     for row, generator in enumerate(generators):
         if generator is None:

@@ -270,13 +270,25 @@ def test_same_seed_same_stream_and_generator_required() -> None:
 # ---------------------------------------------------------------------------------------------- statistics
 
 
+# 99.9th percentiles of chi-square by degrees of freedom; the seeds are fixed, so the test cannot flake.
+CHI2_999 = {2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_sampled_frequencies_follow_the_filtered_softmax(device: str) -> None:
+@pytest.mark.parametrize(
+    "p",
+    [
+        SamplingParams(temperature=0.8, top_k=6, top_p=0.9),
+        SamplingParams(temperature=1.3, min_p=0.05),
+        SamplingParams(temperature=1.3),
+    ],
+    ids=["top_k+top_p", "min_p", "plain"],
+)
+def test_sampled_frequencies_follow_the_filtered_softmax(device: str, p: SamplingParams) -> None:
     logits = torch.tensor([[2.0, 1.5, 1.2, 1.0, 0.3, 0.2, -1.0, -2.0]])
-    p = SamplingParams(temperature=0.8, top_k=6, top_p=0.9)
     expected = torch.softmax(_hf_filtered(logits, p), dim=-1)[0]
     support = {i for i, v in enumerate(expected.tolist()) if v > 0}
-    assert 2 < len(support) < 8  # the filters did cut, and several tokens remain
+    assert len(support) > 2
 
     rows = 500
     params = [SamplingParams(**{**p.__dict__, "seed": 10_000 + i}) for i in range(rows)]
@@ -288,8 +300,15 @@ def test_sampled_frequencies_follow_the_filtered_softmax(device: str) -> None:
     n = rows * 40
     assert set(counts) <= support
     chi2 = sum((counts[t] - n * expected[t].item()) ** 2 / (n * expected[t].item()) for t in support)
-    # 99.9th percentile of chi-square with <= 6 degrees of freedom is 22.5; the seed is fixed, so no flakes.
-    assert chi2 < 22.5, (chi2, counts, expected)
+    assert chi2 < CHI2_999[len(support) - 1], (chi2, counts, expected)
+
+
+def test_tiny_temperatures_are_greedy_not_nan() -> None:
+    logits = _logits(4, seed=12, scale=50.0)
+    p = SamplingParams(temperature=1e-30)
+    p.validate(V)
+    assert p.is_greedy and make_generator(p, "cpu") is None
+    assert _run(logits, [p] * 4).token_ids == logits.argmax(-1).tolist()
 
 
 def test_min_p_never_samples_below_the_floor() -> None:
