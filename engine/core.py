@@ -197,4 +197,5 @@ class EngineCore:
             pool_slots=self.pool.num_slots,
             pool_rows=self.pool.num_rows,
             host_adapters=self.host.snapshot(),
+            num_preemptions=self.scheduler.num_preemptions,
         )

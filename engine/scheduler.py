@@ -68,6 +68,7 @@ class Scheduler:
         self._on_finished = on_finished
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0  # total since start, for stats and tests
 
     # ---- admission / removal -------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -190,6 +191,7 @@ class Scheduler:
         self.running.remove(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def _finish(

@@ -17,3 +17,4 @@ class EngineStats:
     pool_slots: int
     pool_rows: int
     host_adapters: dict[str, int]  # host tier: key -> bytes
+    num_preemptions: int = 0  # sequences preempted (recomputed) since start

@@ -60,7 +60,7 @@ def drive(
             core.add_request(pending.pop(0))
         for event in core.step():
             assert isinstance(event, Delta), event
-            deltas[event.request_id].append(event)
+            deltas.setdefault(event.request_id, []).append(event)
         if record_logits and core.last_step.logits is not None:
             rows = core.last_step.logits
             logits.append({rid: rows[i].clone() for i, rid in enumerate(core.last_step.request_ids)})

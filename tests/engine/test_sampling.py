@@ -121,6 +121,18 @@ def test_filters_keep_the_same_tokens_as_hf_warpers(params: SamplingParams) -> N
         assert torch.equal(ours, theirs)
 
 
+def test_top_k_fast_path_equals_full_sort() -> None:
+    logits = _logits(6, seed=13)
+    logits[0, :4] = logits[0].max() + 1.0  # a tie straddling the k boundary
+    top_k = torch.tensor([3, 1, 7, 20, V, 5])
+    top_p, min_p = torch.ones(6), torch.tensor([0.0, 0.0, 0.2, 0.0, 0.01, 0.0])
+    full = filter_logits(logits, top_k, top_p, min_p)
+    fast = filter_logits(logits, top_k, top_p, min_p, any_top_p=False, max_top_k=V)
+    assert torch.equal(full, fast)
+    assert torch.equal(fast, filter_logits(logits, top_k, top_p, min_p, any_top_p=False, max_top_k=20 + 0 * V))
+    assert int(torch.isfinite(full[0]).sum()) == 4
+
+
 def test_top_k_keeps_ties_at_the_boundary() -> None:
     logits = torch.tensor([[5.0, 3.0, 3.0, 3.0, 1.0]])
     kept = torch.isfinite(_filtered(logits, SamplingParams(temperature=1.0, top_k=2)))
