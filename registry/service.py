@@ -19,6 +19,7 @@ from loraplex.registry.blobs import BlobStore, blob_key_for
 from loraplex.registry.digest import version_digest
 from loraplex.registry.entities import Adapter, AdapterVersion, BaseModel, GcReport, Page
 from loraplex.registry.errors import InvalidAdapter, InvalidArgument
+from loraplex.registry.failpoints import failpoint
 from loraplex.registry.gc import SPOOL_PREFIX, collect_garbage
 from loraplex.registry.pagination import decode_token, encode_token, fingerprint, page_limit
 from loraplex.registry.peft_format import (
@@ -255,6 +256,7 @@ class RegistryService:
         summary = validate_adapter(plan.config, tensors, plan.spec, self.limits.max_rank)
         key = blob_key_for(weights_sha256)
         self.blobs.put_file(key, Path(weights_path))
+        failpoint("after-blob-put")
         version = self.store.add_version(
             plan.adapter,
             NewVersion(
