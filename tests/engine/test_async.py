@@ -1,0 +1,96 @@
+"""The async API: step loop on a thread, streaming deltas, abort by cancellation or close, queue limits."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from loraplex.engine.adapters.host import HostAdapter
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.engine import LLMEngine
+from loraplex.engine.request import Delta, FinishReason
+from loraplex.registry.errors import AdapterNotFound, AlreadyExists, FailedPrecondition, QueueFull
+from tests.engine.helpers import request
+
+ARCH = "qwen2"
+
+
+@pytest.fixture
+async def engine(tiny_models: dict[str, Path]) -> LLMEngine:
+    eng = LLMEngine.load(
+        EngineConfig(model_dir=tiny_models[ARCH], block_size=4, kv_cache_blocks=128, max_queue=3, max_adapters_per_step=4)
+    )
+    await eng.start()
+    yield eng  # type: ignore[misc]
+    await eng.shutdown()
+
+
+async def _settle(engine: LLMEngine) -> None:
+    for _ in range(200):
+        stats = engine.stats()
+        if stats.num_running == stats.num_waiting == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("engine did not go idle")
+
+
+async def test_generate_streams_until_finish(engine: LLMEngine, tiny_adapters: dict[str, dict[str, Path]]) -> None:
+    assert engine.model_spec.model_type == "qwen2"
+    assert engine.eos_token_ids == (1,)
+    key = "sha256:abc"
+    engine.add_adapter(key, HostAdapter.from_peft_dir(tiny_adapters[ARCH]["all-r8"], engine.model_spec, 64))
+    assert engine.has_adapter(key)
+    deltas = [d async for d in engine.generate(request("g", [5, 6, 7], key, max_new_tokens=5, ignore_eos=True, logprobs=True))]
+    assert [len(d.token_ids) for d in deltas] == [1] * 5
+    assert deltas[-1].finish_reason is FinishReason.MAX_TOKENS
+    assert deltas[-1].usage.prompt_tokens == 3 and deltas[-1].usage.completion_tokens == 5
+    assert all(d.logprobs is not None and d.logprobs[0] <= 0 for d in deltas)
+    text = "".join(d.text for d in deltas)
+    assert text == engine.tokenizer.decode([t for d in deltas for t in d.token_ids])
+    await _settle(engine)
+    engine.remove_adapter(key)
+    assert not engine.has_adapter(key)
+
+
+async def test_cancelling_consumer_aborts(engine: LLMEngine) -> None:
+    total = engine.stats().kv_blocks_total
+    got: list[Delta] = []
+
+    async def consume() -> None:
+        async for d in engine.generate(request("c", [5, 6, 7, 8], None, max_new_tokens=10_000, ignore_eos=True)):
+            got.append(d)
+
+    task = asyncio.create_task(consume())
+    while len(got) < 3:
+        await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await _settle(engine)
+    assert engine.stats().kv_blocks_free == total
+
+
+async def test_closing_iterator_aborts_and_queue_full(engine: LLMEngine) -> None:
+    total = engine.stats().kv_blocks_total
+    stream = engine.generate(request("x", [5, 6], None, max_new_tokens=10_000, ignore_eos=True))
+    first = await anext(stream)
+    assert first.token_ids
+    await stream.aclose()  # type: ignore[attr-defined]
+    await _settle(engine)
+    assert engine.stats().kv_blocks_free == total
+
+    streams = [engine.generate(request(f"q{i}", [5, 6], "never-fetched", max_new_tokens=2)) for i in range(3)]
+    with pytest.raises(QueueFull):
+        engine.generate(request("q3", [5, 6], None))
+    with pytest.raises(AlreadyExists):
+        engine.generate(request("q0", [5, 6], None))
+    with pytest.raises(FailedPrecondition):
+        engine.remove_adapter("never-fetched")
+    engine.fail_adapter("never-fetched", AdapterNotFound("gone"))
+    for s in streams:
+        with pytest.raises(AdapterNotFound):
+            await anext(s)
+    engine.abort("q0")  # idempotent after the end
+    await _settle(engine)
