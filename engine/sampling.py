@@ -185,28 +185,43 @@ def apply_repetition_penalty(
     return out
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    *,
+    any_top_p: bool = True,
+    max_top_k: int | None = None,
+) -> torch.Tensor:
     """top_k → top_p → min_p on already temperature-scaled logits; removed entries become ``-inf``.
 
     logits: [B, V] float32; top_k: [B] long (0 = off); top_p, min_p: [B] float32. Every filter keeps the best
     token, ties at the top-k boundary are all kept (as Hugging Face does), and a row with top_p == 1 is never
-    cut by float rounding of the cumulative sum.
+    cut by float rounding of the cumulative sum. The keyword hints let the caller skip work it knows is not
+    needed without a device sync: ``any_top_p=False`` (no row has top_p < 1) plus ``max_top_k`` (every row
+    has 1 <= top_k <= max_top_k) replace the full vocabulary sort by a ``topk``.
     """
     vocab = logits.shape[-1]
-    sorted_logits, _ = torch.sort(logits, dim=-1, descending=True, stable=True)  # [B, V]
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    kth = sorted_logits.gather(1, (k - 1)[:, None])  # [B, 1]
+    if not any_top_p and max_top_k is not None:
+        ranked = torch.topk(logits, min(max_top_k, vocab), dim=-1).values  # [B, K], descending
+    else:
+        ranked = torch.sort(logits, dim=-1, descending=True, stable=True).values  # [B, V]
+    width = ranked.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=width), torch.full_like(top_k, width))
+    kth = ranked.gather(1, (k - 1)[:, None])  # [B, 1]
     logits = logits.masked_fill(logits < kth, float("-inf"))
-    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
 
-    # top_p: keep the smallest prefix (by descending probability) whose mass reaches top_p.
-    sorted_probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    cut = (mass_before >= top_p[:, None]) & (top_p < 1.0)[:, None]
-    cut[:, 0] = False
-    # The smallest kept logit is the threshold; ties with it survive, which keeps the filter order-free.
-    kept_min = sorted_logits.masked_fill(cut, float("inf")).amin(dim=-1, keepdim=True)
-    logits = logits.masked_fill(logits < kept_min, float("-inf"))
+    if any_top_p:
+        # Keep the smallest prefix (by descending probability) whose mass reaches top_p.
+        ranked = ranked.masked_fill(ranked < kth, float("-inf"))
+        sorted_probs = torch.softmax(ranked, dim=-1)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        cut = (mass_before >= top_p[:, None]) & (top_p < 1.0)[:, None]
+        cut[:, 0] = False
+        # The smallest kept logit is the threshold; ties with it survive, which keeps the filter order-free.
+        kept_min = ranked.masked_fill(cut, float("inf")).amin(dim=-1, keepdim=True)
+        logits = logits.masked_fill(logits < kept_min, float("-inf"))
 
     probs = torch.softmax(logits, dim=-1)
     floor = min_p[:, None] * probs.amax(dim=-1, keepdim=True)
@@ -274,7 +289,10 @@ def _sample_rows(
     min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
     scaled = x / temperature[:, None]
     if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params):
-        scaled = filter_logits(scaled, top_k, top_p, min_p)  # the sort inside is skipped when nobody filters
+        any_top_p = any(p.top_p < 1.0 for p in params)
+        all_top_k = all(p.top_k > 0 for p in params)
+        max_top_k = max(p.top_k for p in params) if all_top_k else None
+        scaled = filter_logits(scaled, top_k, top_p, min_p, any_top_p=any_top_p, max_top_k=max_top_k)
     probs = torch.softmax(scaled, dim=-1)  # [R, V]
     q = torch.empty_like(probs)  # [R, V]
     for row, generator in enumerate(generators):
