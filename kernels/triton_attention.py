@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+
 from loraplex.kernels.triton_configs import ATTENTION_CONFIGS, bucket, prune_attention
 from loraplex.kernels.triton_lora_meta import dot_dtype, dot_precision
 
@@ -192,11 +193,7 @@ def _check(
         raise ValueError("block_tables must be int32 [B, max_blocks]")
     if block_tables.stride(1) != 1:
         raise ValueError("block_tables needs a unit stride along its last dimension")
-    if (
-        context_lens.dtype != torch.int32
-        or tuple(context_lens.shape) != (batch,)
-        or context_lens.stride(0) != 1
-    ):
+    if context_lens.dtype != torch.int32 or tuple(context_lens.shape) != (batch,) or context_lens.stride(0) != 1:
         raise ValueError("context_lens must be a contiguous int32 [B] tensor")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables)):
         if t.device != q.device:
@@ -281,9 +278,7 @@ def paged_attention_decode(
     if config is None:
         _decode_tuned[grid](*args, **consts)
     else:
-        _decode_kernel[grid](
-            *args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
-        )
+        _decode_kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     if not single:
         _merge_kernel[(batch, n_heads)](
             out,

@@ -111,9 +111,7 @@ def prune_expand(configs: list[triton.Config], named_args: dict[str, Any], **_: 
     return kept or [EXPAND_DEFAULT]
 
 
-def prune_attention(
-    configs: list[triton.Config], named_args: dict[str, Any], **_: Any
-) -> list[triton.Config]:
+def prune_attention(configs: list[triton.Config], named_args: dict[str, Any], **_: Any) -> list[triton.Config]:
     """Only the default when interpreting; otherwise tiles no longer than a partition."""
     if interpreting():
         return [ATTENTION_DEFAULT]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 import triton
+
 from loraplex.kernels.triton_lora_expand import launch_expand
 from loraplex.kernels.triton_lora_meta import SlicePlan, check_batch, check_weights, meta_table
 from loraplex.kernels.triton_lora_shrink import launch_copy_ranks, launch_shrink
@@ -41,9 +42,7 @@ def _plan_slices(slices: Sequence[LoRASlice], h_in: int, out: torch.Tensor) -> l
             raise TypeError("all slices of one apply_lora call must share a weight dtype")
         h_out = int(s.weights.b_rows.shape[1])
         if s.out_offset < 0 or s.out_offset + h_out > out.shape[1]:
-            raise ValueError(
-                f"slice columns [{s.out_offset}, {s.out_offset + h_out}) exceed output {out.shape[1]}"
-            )
+            raise ValueError(f"slice columns [{s.out_offset}, {s.out_offset + h_out}) exceed output {out.shape[1]}")
         spans.append((s.out_offset, s.out_offset + h_out))
         plans.append(SlicePlan(s.weights, s.out_offset, y_col))
         y_col += s.weights.max_rank

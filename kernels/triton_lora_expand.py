@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+
 from loraplex.kernels.triton_configs import (
     EXPAND_CONFIGS,
     RANK_CLASSES,
@@ -102,9 +103,7 @@ def _expand_kernel(
     offs_n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < tl.load(meta + COL_H_OUT)
 
-    rows_base = tl.load(meta + COL_ROWS).to(tl.pointer_type(tl.int32)) + slot * tl.load(
-        meta + COL_ROWS_STRIDE
-    )
+    rows_base = tl.load(meta + COL_ROWS).to(tl.pointer_type(tl.int32)) + slot * tl.load(meta + COL_ROWS_STRIDE)
     b_ptr = tl.load(meta + COL_B).to(tl.pointer_type(W_DTYPE))
     b_stride = tl.load(meta + COL_B_STRIDE)
     y_rows = y_ptr + tokens[:, None] * stride_yt + tl.load(meta + COL_Y_COL)  # [BLOCK_M, 1]
@@ -183,6 +182,4 @@ def launch_expand(
     if config is None:
         _expand_tuned[grid](*args, **consts)
     else:
-        _expand_kernel[grid](
-            *args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
-        )
+        _expand_kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from loraplex.kernels.triton_configs import interpreting
 from loraplex.kernels.types import LoRABatch, LoRAModuleWeights
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+
 from loraplex.kernels.triton_configs import (
     RANK_CLASSES,
     SHRINK_CONFIGS,
@@ -73,6 +74,10 @@ def _shrink_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
+    k_per_split = tl.cdiv(tl.cdiv(h_in, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_begin = pid_k * k_per_split
+    if k_begin >= h_in:  # a split with no K chunk left (small h_in) adds nothing
+        return
     seg, m0, valid = segment_tile(pid_m, seg_len_ptr, num_segments, BLOCK_M, BLOCK_S)
     if not valid:
         return
@@ -97,10 +102,6 @@ def _shrink_kernel(
     a_cols = a_ptr + rows.to(tl.int64)[None, :] * tl.load(meta + COL_A_STRIDE)  # [1, BLOCK_N]
     x_rows = x_ptr + tokens[:, None] * stride_xt  # [BLOCK_M, 1]
 
-    k_per_split = tl.cdiv(tl.cdiv(h_in, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_begin = pid_k * k_per_split
-    if k_begin >= h_in:  # a split with no K chunk left (small h_in) adds nothing
-        return
     k_end = tl.minimum(k_begin + k_per_split, h_in)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -206,9 +207,7 @@ def launch_shrink(
     if config is None:
         _shrink_tuned[grid](*args, **consts)
     else:
-        _shrink_kernel[grid](
-            *args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages
-        )
+        _shrink_kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def launch_copy_ranks(
