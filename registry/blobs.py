@@ -205,7 +205,9 @@ class S3BlobStore:
         self._call(self._client.delete_object, Bucket=self.bucket, Key=self._object(key))
 
     def list(self, prefix: str = "") -> Iterator[BlobInfo]:
-        full = self._object(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        if ".." in prefix.split("/") or prefix.startswith("/"):
+            raise InvalidArgument(f"invalid blob prefix {prefix!r}")
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
         paginator = self._client.get_paginator("list_objects_v2")
         pages = self._call(lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)))

@@ -470,7 +470,7 @@ class SqlMetadataStore:
                     ref.selector_kind, f"no version with digest {ref.value}"
                 )
                 raise version_not_found(f"adapter {ref.name!r} has {what}")
-            version, adapter = found.tuple()
+            version, adapter = found
             return self._versions(session, adapter, [version])[0]
 
     def referenced_blob_keys(self) -> set[str]:
