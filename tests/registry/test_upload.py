@@ -98,7 +98,7 @@ def test_twenty_concurrent_uploads_number_one_to_twenty(
         barrier.wait()
         try:
             results.append(service.finish_upload(plans[i], spools[i], sha256(payloads[i][1])).version)
-        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=finish, args=(i,)) for i in range(20)]

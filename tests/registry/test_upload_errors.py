@@ -21,7 +21,7 @@ from loraplex.registry.service import RegistryLimits, RegistryService
 from tests.fixtures.backends import Backend
 from tests.fixtures.hf import model_config, read_adapter
 from tests.registry.conftest import build_service
-from tests.registry.helpers import build_safetensors, entries_of, read_header, sha256, upload, with_header
+from tests.registry.helpers import build_safetensors, entries_of, read_header, upload, with_header
 
 A0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
