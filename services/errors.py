@@ -113,8 +113,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             token = request_id_var.set(request_id)
             started = time.perf_counter()
             try:
-                async for item in inner_stream(request, context):
-                    yield item
+                produced = inner_stream(request, context)
+                if hasattr(produced, "__aiter__"):
+                    async for item in produced:
+                        yield item
+                else:  # a handler that streams with ``context.write`` (e.g. health Watch)
+                    await produced
                 _log_done(method, "OK", started)
             except Exception as exc:
                 await _fail(method, exc, context, started)

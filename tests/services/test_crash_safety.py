@@ -35,7 +35,7 @@ def start(backend: object, spool: Path, **env: str) -> ServerProcess:
 
 def blob_keys(backend: object) -> set[str]:
     store = open_blob_store(backend.blobs_url, backend.s3_endpoint)  # type: ignore[attr-defined]
-    return {b.key for b in store.list("sha256/")}
+    return {b.key for b in store.list("") if b.key.startswith("sha256/")}
 
 
 async def prepare(address: str, tiny_models: dict[str, Path]) -> None:

@@ -180,7 +180,8 @@ async def test_peft_adapters_round_trip_byte_for_byte(
         assert version.digest.startswith("sha256:") and version.size_bytes == len(weights)
         assert version.base_model == MODEL_NAMES[arch]
         spec = json.loads(config)
-        assert version.rank == spec["r"] and version.use_rslora == spec["use_rslora"]
+        assert version.rank == max([spec["r"], *spec["rank_pattern"].values()])
+        assert version.use_rslora == spec["use_rslora"]
         assert set(version.target_modules) == set(spec["target_modules"])
         downloaded = await registry.client.download(name)
         assert downloaded.weights == weights
