@@ -99,7 +99,7 @@ class Context:
                 logits_seqs.append(b)
                 logits_slots.append(s.slot)
 
-        def i64(values: list[int]) -> torch.Tensor:
+        def i64(values: list[int] | list[list[int]]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
         def padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -229,4 +229,3 @@ class LLMEngine:
             if stream is None:
                 continue
             stream.push(event.error if isinstance(event, Failure) else event)
-

@@ -90,7 +90,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: Context, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx, kv)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx)
+        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x), ctx)
+        return out
 
 
 class CausalLM(nn.Module):

@@ -20,7 +20,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_dtype(requested: str, args: ModelArgs) -> torch.dtype:
-    """"auto" follows the checkpoint's declared dtype (float32 when it declares something unknown)."""
+    """With "auto", follow the checkpoint's declared dtype (float32 when it declares something unknown)."""
     if requested == "auto":
         return _DTYPES.get(args.torch_dtype, torch.float32)
     return _DTYPES[requested]

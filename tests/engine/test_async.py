@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,12 +19,14 @@ ARCH = "qwen2"
 
 
 @pytest.fixture
-async def engine(tiny_models: dict[str, Path]) -> LLMEngine:
+async def engine(tiny_models: dict[str, Path]) -> AsyncIterator[LLMEngine]:
     eng = LLMEngine.load(
-        EngineConfig(model_dir=tiny_models[ARCH], block_size=4, kv_cache_blocks=128, max_queue=3, max_adapters_per_step=4)
+        EngineConfig(
+            model_dir=tiny_models[ARCH], block_size=4, kv_cache_blocks=128, max_queue=3, max_adapters_per_step=4
+        )
     )
     await eng.start()
-    yield eng  # type: ignore[misc]
+    yield eng
     await eng.shutdown()
 
 
@@ -42,7 +45,9 @@ async def test_generate_streams_until_finish(engine: LLMEngine, tiny_adapters: d
     key = "sha256:abc"
     engine.add_adapter(key, HostAdapter.from_peft_dir(tiny_adapters[ARCH]["all-r8"], engine.model_spec, 64))
     assert engine.has_adapter(key)
-    deltas = [d async for d in engine.generate(request("g", [5, 6, 7], key, max_new_tokens=5, ignore_eos=True, logprobs=True))]
+    deltas = [
+        d async for d in engine.generate(request("g", [5, 6, 7], key, max_new_tokens=5, ignore_eos=True, logprobs=True))
+    ]
     assert [len(d.token_ids) for d in deltas] == [1] * 5
     assert deltas[-1].finish_reason is FinishReason.MAX_TOKENS
     assert deltas[-1].usage.prompt_tokens == 3 and deltas[-1].usage.completion_tokens == 5
@@ -77,7 +82,7 @@ async def test_closing_iterator_aborts_and_queue_full(engine: LLMEngine) -> None
     stream = engine.generate(request("x", [5, 6], None, max_new_tokens=10_000, ignore_eos=True))
     first = await anext(stream)
     assert first.token_ids
-    await stream.aclose()  # type: ignore[attr-defined]
+    await stream.aclose()
     await _settle(engine)
     assert engine.stats().kv_blocks_free == total
 

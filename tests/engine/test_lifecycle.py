@@ -121,7 +121,7 @@ def test_fail_adapter_fails_only_its_waiting_requests(model: Path) -> None:
     assert sorted(e.request_id for e in events) == ["w1", "w2"]
     assert all(isinstance(e, Failure) and isinstance(e.error, AdapterNotFound) for e in events)
     assert core.host.users("missing") == 0
-    deltas, _ = drive(core, [])
+    drive(core, [])
     assert core.stats().num_waiting == 0
 
 
@@ -132,7 +132,7 @@ def test_distinct_adapters_per_step_limit(model: Path, adapters: dict[str, Path]
     core.step()
     stats = core.stats()
     assert stats.num_running == 2 and stats.num_waiting == 1
-    deltas, _ = drive(core, [])
+    drive(core, [])
     assert core.stats().num_running == 0
 
 
@@ -181,8 +181,10 @@ def test_seeded_sampling_is_batch_invariant(model: Path, adapters: dict[str, Pat
     params = dict(max_new_tokens=8, ignore_eos=True, temperature=0.9, top_p=0.95, seed=1234)
     prompt = prompts(1, 6, seed=9)[0]
     alone, _ = drive(make_core(model, adapters), [request("s", prompt, "all-r8", **params)])
-    noise = [request(f"n{i}", prompts(1, 3 + i, seed=i)[0], k, max_new_tokens=6, ignore_eos=True, temperature=1.0)
-             for i, k in enumerate(["qv-r4", None, "mlp-r32"])]
+    noise = [
+        request(f"n{i}", prompts(1, 3 + i, seed=i)[0], k, max_new_tokens=6, ignore_eos=True, temperature=1.0)
+        for i, k in enumerate(["qv-r4", None, "mlp-r32"])
+    ]
     mixed, _ = drive(
         make_core(model, adapters, kv_cache_blocks=70, max_model_len=32),
         [request("s", prompt, "all-r8", **params), *noise],

@@ -22,7 +22,8 @@ def _hf_check(model_dir: Path, dtype: str = "float32", atol: float = 1e-4) -> No
     """Prefill logits and 6 greedy tokens of our engine equal transformers' for the base model."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    hf: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    hf.eval()
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         want_logits = hf(ids).logits[0, -1]
@@ -51,10 +52,14 @@ def _hf_check(model_dir: Path, dtype: str = "float32", atol: float = 1e-4) -> No
             },
             id="llama3-rope",
         ),
-        pytest.param("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}}, id="linear-rope"),
+        pytest.param(
+            "llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}}, id="linear-rope"
+        ),
         pytest.param("llama", {"tie_word_embeddings": True, "attention_bias": True}, id="tied-bias"),
         pytest.param("mistral", {"sliding_window": 4}, id="mistral-window"),
-        pytest.param("qwen2", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}, id="qwen2-window"),
+        pytest.param(
+            "qwen2", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}, id="qwen2-window"
+        ),
     ],
 )
 def test_variants_match_transformers(tmp_path: Path, arch: str, overrides: dict[str, Any]) -> None:
@@ -111,10 +116,12 @@ def test_unknown_architecture_and_missing_files(tmp_path: Path, tiny_models: dic
     cfg = json.loads((dst / "config.json").read_text())
     cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (dst / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match="unsupported architecture.*gpt2"):
+    with pytest.raises(ModelLoadError, match=r"unsupported architecture.*gpt2"):
         make_core(dst)
 
-    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], rope_parameters={"rope_type": "yarn", "factor": 2.0})
+    cfg.update(
+        model_type="llama", architectures=["LlamaForCausalLM"], rope_parameters={"rope_type": "yarn", "factor": 2.0}
+    )
     (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="unsupported rope type 'yarn'"):
         make_core(dst)

@@ -42,7 +42,9 @@ def test_mixed_batch_matches_peft(
     want = [until_eos(row[PROMPT_LEN:].tolist(), EOS) for row in out.sequences]
 
     core = make_core(tiny_models[arch], adapters)
-    reqs = [request(f"r{i}", p, n, max_new_tokens=NEW_TOKENS) for i, (p, n) in enumerate(zip(batch, names))]
+    reqs = [
+        request(f"r{i}", p, n, max_new_tokens=NEW_TOKENS) for i, (p, n) in enumerate(zip(batch, names, strict=True))
+    ]
     deltas, logits = drive(core, reqs, record_logits=True)
 
     for i, name in enumerate(names):

@@ -18,7 +18,9 @@ def workload(tiny_adapters: dict[str, dict[str, Path]]) -> Workload:
     """10 requests of varied prompt lengths over all 8 adapters and the base model."""
     names = [*tiny_adapters[ARCH], BASE, BASE]
     lengths = [3, 9, 5, 14, 6, 2, 11, 7, 4, 8]
-    return [(f"r{i}", prompts(1, n, seed=100 + i)[0], name) for i, (name, n) in enumerate(zip(names, lengths, strict=True))]
+    return [
+        (f"r{i}", prompts(1, n, seed=100 + i)[0], name) for i, (name, n) in enumerate(zip(names, lengths, strict=True))
+    ]
 
 
 def _reqs(workload: Workload, new_tokens: int = 8) -> list[GenerationRequest]:
