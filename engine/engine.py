@@ -200,7 +200,10 @@ class LLMEngine:
     def _drain(self) -> list[Event]:
         events: list[Event] = []
         while self._commands:
-            events.extend(self._commands.popleft()())
+            try:
+                events.extend(self._commands.popleft()())
+            except Exception:  # one bad command must not stop the step thread
+                log.exception("engine command failed")
         return events
 
     def _step(self, events: list[Event]) -> bool:
