@@ -59,9 +59,9 @@ def dot_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl_dtype(dtype)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 operands use IEEE products (tf32 would miss the reference by ~1e-3); halves use tensor cores."""
-    return "ieee" if dot_dtype(dtype) == tl.float32 else "tf32"
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """fp32 operands use IEEE products (tf32 would miss the reference by ~1e-3); halves take the default."""
+    return "ieee" if dot_dtype(dtype) == tl.float32 else None
 
 
 @dataclass(frozen=True)
