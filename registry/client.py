@@ -21,7 +21,12 @@ from loraplex.registry.v1 import registry_service_pb2 as pb
 from loraplex.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
 CHUNK_BYTES = 1024 * 1024
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # Reconnect quickly after a registry restart: callers fail fast with UNAVAILABLE meanwhile.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
 T = TypeVar("T")
 
 

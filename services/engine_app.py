@@ -102,7 +102,7 @@ class EngineApp:
                 max_rank=config.max_lora_rank,
                 host_budget_bytes=s.host_adapter_bytes,
                 alias_ttl_s=s.alias_ttl_seconds,
-                on_load=lambda seconds: self.metrics.adapter_load.labels("registry").observe(seconds),
+                observer=self.metrics,
             )
         self.metrics.bind_gauges(self._gauges)
         if s.metrics_port is not None:
@@ -136,5 +136,7 @@ class EngineApp:
 async def serve_engine(settings: EngineSettings) -> None:
     app = EngineApp(settings)
     handle = await app.start()
+    if app.metrics_port is not None:
+        print(f"loraplex engine metrics on port {app.metrics_port}", flush=True)
     print(f"loraplex engine listening on port {handle.port}", flush=True)
     await run_until_signal(handle, on_stop=app.stop)

@@ -36,9 +36,13 @@ class EngineMetrics:
         self.queue_depth = Gauge("loraplex_queue_depth", "Requests waiting to be scheduled", registry=r)
         self.running = Gauge("loraplex_running_sequences", "Sequences in the running batch", registry=r)
         self.kv_free = Gauge("loraplex_kv_blocks_free", "Free KV-cache blocks", registry=r)
-        self.adapter_downloads = Counter(
-            "loraplex_adapter_downloads", "Adapter downloads from the registry", registry=r
-        )
+
+    # FetchObserver: the adapter fetcher reports here.
+    def on_event(self, tier: str, event: str) -> None:
+        self.cache_events.labels(tier, event).inc()
+
+    def on_load(self, tier: str, seconds: float) -> None:
+        self.adapter_load.labels(tier).observe(seconds)
 
     def bind_gauges(self, read: Callable[[], dict[str, float]]) -> None:
         """Gauges read live values at scrape time (queue, running, kv, tier bytes) from one snapshot function."""

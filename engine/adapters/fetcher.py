@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from loraplex.engine.adapters.host import HostAdapter
 from loraplex.engine.engine import LLMEngine
@@ -74,6 +75,14 @@ class FetchStats:
     load_seconds: list[float] = field(default_factory=list)
 
 
+class FetchObserver(Protocol):
+    """Where counters go (the service's Prometheus metrics); the engine layer knows no metrics library."""
+
+    def on_event(self, tier: str, event: str) -> None: ...
+
+    def on_load(self, tier: str, seconds: float) -> None: ...
+
+
 class AdapterFetcher:
     def __init__(
         self,
@@ -85,7 +94,7 @@ class AdapterFetcher:
         host_budget_bytes: int,
         alias_ttl_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
-        on_load: Callable[[float], None] | None = None,
+        observer: FetchObserver | None = None,
     ) -> None:
         self._engine = engine
         self._client = client
@@ -94,11 +103,15 @@ class AdapterFetcher:
         self._budget = host_budget_bytes
         self._ttl = alias_ttl_s
         self._clock = clock
-        self._on_load = on_load
+        self._observer = observer
         self._resolved: dict[tuple[str, str], tuple[ResolvedAdapter, float]] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._host: OrderedDict[str, HostEntry] = OrderedDict()  # LRU order: oldest first
         self.stats = FetchStats()
+
+    def _event(self, tier: str, event: str) -> None:
+        if self._observer is not None:
+            self._observer.on_event(tier, event)
 
     # -- resolution ----------------------------------------------------------------------------------------
     async def resolve(self, ref: str, token: str = "") -> ResolvedAdapter:
@@ -152,12 +165,14 @@ class AdapterFetcher:
         entry = self._host.get(resolved.digest)
         if entry is not None and self._engine.has_adapter(resolved.digest):
             self.stats.host_hits += 1
+            self._event("host", "hit")
             entry.last_used = self._clock()
             self._host.move_to_end(resolved.digest)
             return None
         task = self._inflight.get(resolved.digest)
         if task is None or task.done():  # a finished task already failed its waiters: start afresh
             self.stats.host_misses += 1
+            self._event("host", "miss")
             task = asyncio.create_task(self._fetch(resolved, token), name=f"fetch {resolved.digest[:19]}")
             self._inflight[resolved.digest] = task
             task.add_done_callback(lambda _t, d=resolved.digest: self._inflight.pop(d, None))
@@ -168,6 +183,7 @@ class AdapterFetcher:
         try:
             downloaded = await self._client.download(f"{resolved.adapter}@{resolved.digest}", token=token or None)
             self.stats.downloads += 1
+            self._event("registry", "download")
             version = downloaded.version
             expected = version_digest(version.adapter_config_json, hashlib.sha256(downloaded.weights).hexdigest())
             if expected != resolved.digest:
@@ -184,8 +200,8 @@ class AdapterFetcher:
             self._host[resolved.digest] = HostEntry(resolved, adapter.nbytes, self._clock())
             elapsed = self._clock() - started
             self.stats.load_seconds.append(elapsed)
-            if self._on_load is not None:
-                self._on_load(elapsed)
+            if self._observer is not None:
+                self._observer.on_load("registry", elapsed)
         except LoraplexError as exc:
             self.stats.download_failures += 1
             self._engine.fail_adapter(resolved.digest, _incompatible_if_invalid(exc))
@@ -212,6 +228,7 @@ class AdapterFetcher:
             used -= entry.nbytes
             del self._host[digest]
             self.stats.host_evictions += 1
+            self._event("host", "eviction")
         if used + needed > self._budget:
             raise ResourceExhausted(
                 f"host adapter cache is full ({used} of {self._budget} bytes held by pinned or busy adapters)",
@@ -239,6 +256,7 @@ class AdapterFetcher:
         self._engine.remove_adapter(digest)
         del self._host[digest]
         self.stats.host_evictions += 1
+        self._event("host", "eviction")
         for key in [k for k, (r, _) in self._resolved.items() if r.digest == digest]:
             del self._resolved[key]
         return True
