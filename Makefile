@@ -13,7 +13,7 @@ test:
 
 lint: setup
 	.venv/bin/ruff check .
-	.venv/bin/mypy
+	tools/mypy.sh
 	.venv/bin/buf lint
 
 protos: setup

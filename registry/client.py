@@ -33,7 +33,8 @@ T = TypeVar("T")
 def error_from_rpc(exc: grpc.aio.AioRpcError, peer: str = "registry") -> LoraplexError:
     """The domain error behind a failed call (ErrorInfo reason when the server sent one)."""
     reason, metadata = "", {}
-    for key, value in exc.trailing_metadata() or ():
+    trailers: Any = exc.trailing_metadata() or ()
+    for key, value in trailers:
         if key == "grpc-status-details-bin" and isinstance(value, bytes):
             status = status_pb2.Status.FromString(value)
             for detail in status.details:
@@ -64,7 +65,7 @@ class RegistryClient:
         self._stub = pb_grpc.AdapterRegistryServiceStub(self._channel)
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def __aenter__(self) -> RegistryClient:
         return self

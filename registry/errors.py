@@ -52,6 +52,14 @@ class BaseModelNotFound(NotFound):
     reason = "BASE_MODEL_NOT_FOUND"
 
 
+class VersionNotFound(NotFound):
+    reason = "VERSION_NOT_FOUND"
+
+
+class AliasNotFound(NotFound):
+    reason = "ALIAS_NOT_FOUND"
+
+
 class AlreadyExists(LoraplexError):
     reason = "ALREADY_EXISTS"
     code = "ALREADY_EXISTS"

@@ -31,12 +31,14 @@ from loraplex.registry.db import (
 from loraplex.registry.entities import Adapter, AdapterVersion, BaseModel, VersionState
 from loraplex.registry.errors import (
     AdapterNotFound,
+    AliasNotFound,
     AlreadyExists,
     BaseModelNotFound,
     Conflict,
     FailedPrecondition,
     NotFound,
     Unavailable,
+    VersionNotFound,
 )
 from loraplex.registry.refs import AdapterRef
 
@@ -69,7 +71,7 @@ def _is_foreign_key_error(exc: IntegrityError) -> bool:
 
 
 def version_not_found(message: str) -> NotFound:
-    return NotFound(message, reason="VERSION_NOT_FOUND")
+    return VersionNotFound(message)
 
 
 class SqlMetadataStore:
@@ -235,7 +237,7 @@ class SqlMetadataStore:
         namespaces: Collection[str] | None = None,
     ) -> list[Adapter]:
         with self.session_scope() as session:
-            query: Select[tuple[AdapterRow]] = select(AdapterRow).order_by(AdapterRow.name).limit(limit)
+            query: Select[AdapterRow] = select(AdapterRow).order_by(AdapterRow.name).limit(limit)
             if after is not None:
                 query = query.where(AdapterRow.name > after)
             if base_model is not None:
@@ -435,7 +437,7 @@ class SqlMetadataStore:
             row = self._adapter_row(session, adapter)
             current = session.get(AliasRow, (row.id, alias))
             if current is None:
-                raise NotFound(f"adapter {adapter!r} has no alias {alias!r}", reason="ALIAS_NOT_FOUND")
+                raise AliasNotFound(f"adapter {adapter!r} has no alias {alias!r}")
             session.delete(current)
             self._touch(row)
             session.flush()
@@ -465,7 +467,7 @@ class SqlMetadataStore:
             if found is None:
                 self._adapter_row(session, ref.name)  # AdapterNotFound when the adapter itself is missing
                 if ref.selector_kind == "alias":
-                    raise NotFound(f"adapter {ref.name!r} has no alias {ref.value!r}", reason="ALIAS_NOT_FOUND")
+                    raise AliasNotFound(f"adapter {ref.name!r} has no alias {ref.value!r}")
                 what = {"latest": "no ready version", "version": f"no version {ref.value}"}.get(
                     ref.selector_kind, f"no version with digest {ref.value}"
                 )

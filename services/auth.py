@@ -138,7 +138,7 @@ def require_admin() -> Principal:
     return principal
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Authenticates each call and stores the principal (and raw token, for forwarding) in context vars.
 
     Runs inside ``ErrorInterceptor``'s wrapper is not possible for rejected calls (no handler yet), so a failed
@@ -150,9 +150,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         method = str(getattr(handler_call_details, "method", ""))
         if method.startswith(PUBLIC_SERVICE_PREFIXES):
             return await continuation(handler_call_details)
@@ -169,7 +169,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return await continuation(handler_call_details)
 
 
-def _rejecting_handler(handler: grpc.RpcMethodHandler, exc: Exception) -> grpc.RpcMethodHandler:
+def _rejecting_handler(handler: grpc.RpcMethodHandler[Any, Any], exc: Exception) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of the same shape as ``handler`` that fails with ``exc`` before touching the request."""
 
     async def reject_unary(request: Any, context: Any) -> Any:

@@ -107,7 +107,7 @@ def build_adapter(model_dir: Path, out_dir: Path, spec: AdapterSpec) -> Path:
     torch.manual_seed(spec.seed)
     cfg = LoraConfig(
         r=spec.r,
-        lora_alpha=spec.lora_alpha,
+        lora_alpha=spec.lora_alpha,  # type: ignore[arg-type]  # PEFT accepts floats; its hint says int
         target_modules=list(spec.target_modules),
         use_rslora=spec.use_rslora,
         rank_pattern=dict(spec.rank_pattern),

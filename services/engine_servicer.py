@@ -111,7 +111,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
                     usage=pb.Usage(
                         prompt_tokens=delta.usage.prompt_tokens, completion_tokens=delta.usage.completion_tokens
                     ),
-                    finish_reason=finish_reason_pb(delta.finish_reason),
+                    finish_reason=finish_reason_pb(delta.finish_reason),  # type: ignore[arg-type]
                 )
                 if first:
                     _decorate_first(message, resolved, prompt, request.response.prompt_tokens)

@@ -74,21 +74,21 @@ def _request_id_from(details: grpc.HandlerCallDetails) -> str:
     return new_request_id()
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Maps exceptions to statuses and logs one structured line per RPC (method, code, ms, request id)."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
         method = _method_name(handler_call_details)
         request_id = _request_id_from(handler_call_details)
         if handler.unary_unary or handler.stream_unary:
-            inner = handler.unary_unary or handler.stream_unary
+            inner: Any = handler.unary_unary or handler.stream_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 token = request_id_var.set(request_id)
@@ -107,7 +107,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             )
             return factory(unary, handler.request_deserializer, handler.response_serializer)
 
-        inner_stream = handler.unary_stream or handler.stream_stream
+        inner_stream: Any = handler.unary_stream or handler.stream_stream
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             token = request_id_var.set(request_id)

@@ -46,7 +46,7 @@ class ServiceBinding:
 class ServerHandle:
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: Any  # grpc_health.v1.health.aio.HealthServicer (absent from the type stubs)
     service_names: Sequence[str]
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -95,7 +95,7 @@ async def start_server(
     """Build, bind and start the server; health is SERVING only when ``serving`` (else call ``set_serving``)."""
     check_exposure(listen, authority, insecure)
     server = grpc.aio.server(interceptors=[ErrorInterceptor(), AuthInterceptor(authority)], options=SERVER_OPTIONS)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for binding in bindings:
         binding.add(binding.servicer, server)

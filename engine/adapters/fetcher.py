@@ -17,6 +17,7 @@ not in the scheduler: all I/O stays on the event loop, never inside a step.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -175,8 +176,11 @@ class AdapterFetcher:
             self._event("host", "miss")
             task = asyncio.create_task(self._fetch(resolved, token), name=f"fetch {resolved.digest[:19]}")
             self._inflight[resolved.digest] = task
-            task.add_done_callback(lambda _t, d=resolved.digest: self._inflight.pop(d, None))
+            task.add_done_callback(functools.partial(self._forget, resolved.digest))
         return task
+
+    def _forget(self, digest: str, _task: asyncio.Task[None]) -> None:
+        self._inflight.pop(digest, None)
 
     async def _fetch(self, resolved: ResolvedAdapter, token: str) -> None:
         started = self._clock()
