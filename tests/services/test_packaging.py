@@ -41,3 +41,11 @@ def test_console_script_exists() -> None:
     assert script.exists()
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "registry" in result.stdout and "adapters" in result.stdout
+
+
+def test_readme_settings_tables_are_current() -> None:
+    from loraplex.services.settings import ClientSettings, EngineSettings, RegistrySettings, settings_table
+
+    readme = (ROOT / "README.md").read_text()
+    for cls in (RegistrySettings, ClientSettings, EngineSettings):
+        assert settings_table(cls) in readme, f"README's {cls.__name__} table is stale: paste settings_table() output"
