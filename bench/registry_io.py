@@ -27,11 +27,15 @@ import logging
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import socket
 import statistics
 import struct
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -446,8 +450,14 @@ async def run(args: argparse.Namespace, env_endpoint: str, work: Path) -> dict[s
         s3_endpoint=env_endpoint,
         spool_dir=str(work / "spool"),
     )
-    handle: ServerHandle = await start_registry(settings)
-    env = Env(work, env_endpoint, bucket, prefix, f"127.0.0.1:{handle.port}", s3)
+    handle: ServerHandle | None = None
+    proc: subprocess.Popen[str] | None = None
+    if args.registry_process:
+        proc, port = start_registry_process(settings)
+    else:
+        handle = await start_registry(settings)
+        port = handle.port
+    env = Env(work, env_endpoint, bucket, prefix, f"127.0.0.1:{port}", s3)
     report: dict[str, Any] = {"endpoint": env_endpoint, "moto": not args.s3_endpoint}
     try:
         async with RegistryClient(env.address) as client:
@@ -472,8 +482,26 @@ async def run(args: argparse.Namespace, env_endpoint: str, work: Path) -> dict[s
             )
             report["resolve"] = r
     finally:
-        await handle.stop(grace=1.0)
+        if handle is not None:
+            await handle.stop(grace=1.0)
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
     return report
+
+
+def start_registry_process(settings: RegistrySettings) -> tuple[subprocess.Popen[str], int]:
+    """``loraplex registry serve`` as a child process (own GIL); returns it and the port it reported."""
+    exe = str(Path(sys.executable).parent / "loraplex")
+    args = [exe, "registry", "serve", "--listen", settings.listen, "--db", settings.db, "--blobs", settings.blobs]
+    args += ["--s3-endpoint", str(settings.s3_endpoint), "--spool-dir", str(settings.spool_dir)]
+    proc = subprocess.Popen([*args, "--log-level", "warning"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if match := re.search(r"listening on port (\d+)", line):
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # never let the pipe fill up
+            return proc, int(match.group(1))
+    raise SystemExit(f"registry process exited with {proc.wait()} before listening")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -485,6 +513,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="20 MB x 3 rounds + 1,000 adapters / 2,000 lookups")
     parser.add_argument("--s3-endpoint", default=None, help="existing S3 endpoint (MinIO); default: local moto")
     parser.add_argument("--bucket", default=None, help="bucket to use (created when missing); default: fresh")
+    parser.add_argument(
+        "--registry-process", action="store_true", help="run the registry as a subprocess (default: in-process)"
+    )
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, removed afterwards)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -518,7 +549,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"S3 endpoint: moto ThreadedMotoServer at {endpoint} (child process). moto is in-process Python "
             "and slow: the registry/raw ratios matter, the absolute MB/s do not."
         )
-    print("Registry: in-process start_registry (SQLite + the S3 bucket); client in the same process.")
+    where = "a `loraplex registry serve` subprocess" if args.registry_process else "in-process start_registry"
+    print(f"Registry: {where} (SQLite + the S3 bucket); the benchmark client runs in this process.")
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="loraplex-bench-io-"))
     work.mkdir(parents=True, exist_ok=True)
     try:

@@ -363,17 +363,17 @@ def fmt_loads(loads: dict[str, dict[str, float]]) -> str:
 
 
 TABLE_HEADER = (
-    "| adapters | popularity | tok/s | x base | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors | "
-    "cold loads (by tier) |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| adapters | popularity | used | tok/s | x base | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
+    "errors | cold loads (by tier) |\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def table_row(base: dict[str, Any], r: dict[str, Any]) -> str:
     ratio = r["tok_s"] / base["tok_s"] if base["tok_s"] else float("nan")
     return (
-        f"| {r['adapters']} | {r['popularity']} | {r['tok_s']:.1f} | {ratio:.2f} | {r['ttft_p50_ms']:.0f} | "
-        f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | {sum(r['errors'].values())} | "
-        f"{fmt_loads(r.get('loads', {}))} |"
+        f"| {r['adapters']} | {r['popularity']} | {r.get('distinct_used', 0)} | {r['tok_s']:.1f} | {ratio:.2f} | "
+        f"{r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} | "
+        f"{sum(r['errors'].values())} | {fmt_loads(r.get('loads', {}))} |"
     )
 
 
@@ -391,7 +391,9 @@ async def bench(args: argparse.Namespace, stack: Stack, work: Path) -> dict[str,
     )
     refs, push_s = await push_adapters(stack.registry, info.base_model, max(args.adapters), args.ranks, work)
     print(f"pushed {len(refs)} synthetic adapters (ranks {args.ranks}, all linear) in {push_s:.1f} s")
-    base = await run_scenario(stub, schedule, [""] * len(schedule), args.request_timeout)
+    no_adapter = [""] * len(schedule)
+    await run_scenario(stub, schedule, no_adapter, args.request_timeout)  # warm-up: lazy init, allocator, threads
+    base = await run_scenario(stub, schedule, no_adapter, args.request_timeout)
     base.update(adapters=0, popularity="base model only")
     print("\n" + TABLE_HEADER + "\n" + table_row(base, base), flush=True)
     rows: list[dict[str, Any]] = []
@@ -405,9 +407,21 @@ async def bench(args: argparse.Namespace, stack: Stack, work: Path) -> dict[str,
             row["loads"] = load_delta(before, scrape_load_histogram(stack.metrics_url))
             rows.append(row)
             print(table_row(base, row), flush=True)
+    again = await run_scenario(stub, schedule, no_adapter, args.request_timeout)
+    again.update(adapters=0, popularity="base model only, again (drift check)")
+    print(table_row(base, again), flush=True)
     await channel.close(None)
-    print("\nx base = output tokens/s over the base-model-only run with the same arrivals and lengths.")
-    return {"base": base, "scenarios": rows, "requests_per_scenario": len(schedule), "args": vars(args)}
+    print(
+        "\nx base = output tokens/s over the first base-model-only run (same arrivals and lengths, after one "
+        "discarded warm-up run); the last row repeats it to show drift. used = distinct adapters requested."
+    )
+    return {
+        "base": base,
+        "base_again": again,
+        "scenarios": rows,
+        "requests_per_scenario": len(schedule),
+        "args": vars(args),
+    }
 
 
 def parse_ints(text: str, what: str) -> list[int]:
