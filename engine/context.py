@@ -41,7 +41,11 @@ class Context:
     logits_seqs: list[int]  # sequence index (into the step's slices) of each logits row
     lora: LoRABatch  # per token
     lora_logits: LoRABatch  # per logits row (lm_head LoRA)
+    q_cells: torch.Tensor  # int64 [T] cell (b * Qmax + i) of each token in the padded grid, in token order
+    decode_only: bool  # every sequence feeds exactly one token: the [B, Qmax] grid is the token axis itself
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    # Per-step values every layer would otherwise recompute (rotary cos/sin by table): built once, on first use.
+    memo: dict[object, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -70,53 +74,56 @@ class Context:
 
     @staticmethod
     def build(slices: list[SeqSlice], block_size: int, device: torch.device) -> Context:
+        """One pass over the step's sequences in host integers, then a handful of tensor ops.
+
+        Key slots are computed from each sequence's block table on the device side
+        (``block * block_size + offset``) instead of listing every key position in Python.
+        """
         input_ids: list[int] = []
         positions: list[int] = []
-        slot_mapping: list[int] = []
         token_slots: list[int] = []
-        q_rows: list[list[int]] = []
-        pos_rows: list[list[int]] = []
-        kv_rows: list[list[int]] = []
+        q_len: list[int] = []
         kv_len: list[int] = []
         logits_indices: list[int] = []
         logits_seqs: list[int] = []
         logits_slots: list[int] = []
         for b, s in enumerate(slices):
-            first = len(input_ids)
             n = len(s.token_ids)
-            total = s.start_pos + n
-            pos = list(range(s.start_pos, total))
             input_ids.extend(s.token_ids)
-            positions.extend(pos)
-            slot_mapping.extend(s.block_table[p // block_size] * block_size + p % block_size for p in pos)
+            positions.extend(range(s.start_pos, s.start_pos + n))
             token_slots.extend([s.slot] * n)
-            q_rows.append(list(range(first, first + n)))
-            pos_rows.append(pos)
-            kv_rows.append([s.block_table[p // block_size] * block_size + p % block_size for p in range(total)])
-            kv_len.append(total)
+            q_len.append(n)
+            kv_len.append(s.start_pos + n)
             if s.needs_logits:
-                logits_indices.append(first + n - 1)
+                logits_indices.append(len(input_ids) - 1)
                 logits_seqs.append(b)
                 logits_slots.append(s.slot)
 
         def i64(values: list[int] | list[list[int]]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
-        def padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-            width = max((len(r) for r in rows), default=0)
-            data = [r + [0] * (width - len(r)) for r in rows]
-            valid = [[True] * len(r) + [False] * (width - len(r)) for r in rows]
-            return i64(data).view(len(rows), width), torch.tensor(valid, dtype=torch.bool, device=device).view(
-                len(rows), width
-            )
-
-        q_index, q_valid = padded(q_rows)
-        q_pos, _ = padded(pos_rows)
-        kv_index, _ = padded(kv_rows)
+        num_seqs = len(slices)
+        qmax = max(q_len, default=0)
+        lmax = max(kv_len, default=0)
+        blocks = -(-lmax // block_size)
+        tables = i64([s.block_table[:blocks] + [0] * (blocks - len(s.block_table[:blocks])) for s in slices])
+        offsets = torch.arange(block_size, dtype=torch.int64, device=device)
+        kv_index = (tables.view(num_seqs, blocks, 1) * block_size + offsets).view(num_seqs, -1)[:, :lmax]
+        pos = i64(positions)
+        q_len_t = i64(q_len)
+        starts = i64(kv_len) - q_len_t  # position of each sequence's first new token
+        i = torch.arange(qmax, dtype=torch.int64, device=device).view(1, -1)
+        q_valid = i < q_len_t.view(-1, 1)
+        first = torch.cumsum(q_len_t, 0) - q_len_t
+        q_index = torch.where(q_valid, first.view(-1, 1) + i, 0)
+        q_pos = torch.where(q_valid, starts.view(-1, 1) + i, 0)
+        flat_kv = kv_index.reshape(-1)
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_len_t)
+        slot_mapping = flat_kv[seq_of_token * lmax + pos] if num_seqs else pos
         return Context(
             input_ids=i64(input_ids),
-            positions=i64(positions),
-            slot_mapping=i64(slot_mapping),
+            positions=pos,
+            slot_mapping=slot_mapping,
             q_index=q_index,
             q_valid=q_valid,
             q_pos=q_pos,
@@ -126,4 +133,6 @@ class Context:
             logits_seqs=logits_seqs,
             lora=LoRABatch.from_slots(token_slots, device),
             lora_logits=LoRABatch.from_slots(logits_slots, device),
+            q_cells=q_valid.view(-1).nonzero().view(-1),
+            decode_only=qmax == 1,
         )

@@ -14,7 +14,10 @@ from types import ModuleType
 import torch
 
 from loraplex.kernels import reference
+from loraplex.kernels.torch_lora import LoRAStepCache, apply_lora_torch
 from loraplex.kernels.types import LoRABatch, LoRAModuleWeights, LoRASlice
+
+__all__ = ["LoRAStepCache", "apply_lora", "get_backend", "lora_embedding", "lora_expand", "lora_shrink", "set_backend"]
 
 _BACKENDS = ("auto", "torch", "triton")
 
@@ -71,52 +74,25 @@ def lora_expand(
         reference.lora_expand_ref(y, batch, w, out, out_offset)
 
 
-def apply_lora(x: torch.Tensor, out: torch.Tensor, batch: LoRABatch, slices: Sequence[LoRASlice]) -> None:
+def apply_lora(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    batch: LoRABatch,
+    slices: Sequence[LoRASlice],
+    cache: LoRAStepCache | None = None,
+) -> None:
     """Add every slice's LoRA delta into ``out`` (x: [T, h_in], out: [T, sum(h_out)]), in place.
 
     Multi-slice lets fused projections (qkv, gate_up) take their LoRA in one call; on CUDA the Triton
-    backend launches one shrink and one expand for all slices.
+    backend launches one shrink and one expand for all slices. ``cache`` (one per engine) lets the torch path
+    reuse a step's segment layout across layers and its padded weights across steps; Triton ignores it.
     """
     if batch.is_empty or not slices:
         return
     if _use_triton(x):
         _triton().apply_lora(x, out, batch, slices)
         return
-    _apply_lora_torch(x, out, batch, slices)
-
-
-def _rank_rows(rows: torch.Tensor, table_row: list[int]) -> torch.Tensor:
-    """The rank-rows of one slot: a zero-copy slice when they are consecutive (the usual case), else a gather."""
-    first = table_row[0]
-    if table_row == list(range(first, first + len(table_row))):
-        return rows[first : first + len(table_row)]
-    return rows[torch.tensor(table_row, dtype=torch.long, device=rows.device)]
-
-
-def _apply_lora_torch(x: torch.Tensor, out: torch.Tensor, batch: LoRABatch, slices: Sequence[LoRASlice]) -> None:
-    """The torch path of ``apply_lora``: same semantics as shrink_ref + expand_ref, fewer ops.
-
-    Why not just call the reference: on CPU the cost is per tensor op, not per flop. Here each segment's tokens
-    are gathered once for all slices, ranks/tables are read to the host once per call, rank-rows are sliced
-    instead of gathered when consecutive, and each slice's delta lands with one ``index_add_``.
-    """
-    host = [(s.weights.ranks.tolist(), s.weights.row_table.tolist(), s.weights.scales.tolist()) for s in slices]
-    for g in range(batch.num_segments):
-        slot, start, length = batch.segment(g)
-        if length == 0:
-            continue
-        tokens = batch.token_order[start : start + length].long()
-        xs = x.index_select(0, tokens).float()  # [n, h_in]
-        for s, (ranks, table, scales) in zip(slices, host, strict=True):
-            r = int(ranks[slot])
-            if r == 0:
-                continue
-            w = s.weights
-            a = _rank_rows(w.a_rows, table[slot][:r]).float()  # [r, h_in]
-            b = _rank_rows(w.b_rows, table[slot][:r]).float()  # [r, h_out]
-            delta = (xs @ a.T) @ b * float(scales[slot])  # [n, h_out]
-            h_out = b.shape[1]
-            out[:, s.out_offset : s.out_offset + h_out].index_add_(0, tokens, delta.to(out.dtype))
+    apply_lora_torch(x, out, batch, slices, cache)
 
 
 def lora_embedding(token_ids: torch.Tensor, batch: LoRABatch, w: LoRAModuleWeights, out: torch.Tensor) -> None:

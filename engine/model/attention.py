@@ -17,8 +17,8 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     """Store the step's new keys/values (k, v: [T, n_kv, d]) at their paged slots."""
     flat_k = k_cache.view(-1, k_cache.shape[2], k_cache.shape[3])  # [blocks * block_size, n_kv, d]
     flat_v = v_cache.view(-1, v_cache.shape[2], v_cache.shape[3])
-    flat_k[ctx.slot_mapping] = k.to(flat_k.dtype)
-    flat_v[ctx.slot_mapping] = v.to(flat_v.dtype)
+    flat_k.index_copy_(0, ctx.slot_mapping, k.to(flat_k.dtype))
+    flat_v.index_copy_(0, ctx.slot_mapping, v.to(flat_v.dtype))
 
 
 def paged_attention(
@@ -29,21 +29,25 @@ def paged_attention(
     scale: float,
     window: int | None,
 ) -> torch.Tensor:
-    """q: [T, n_heads, d] -> [T, n_heads, d]; keys/values come from the cache (already holding this step's)."""
+    """q: [T, n_heads, d] -> [T, n_heads, d]; keys/values come from the cache (already holding this step's).
+
+    Tokens are laid out sequence by sequence, so the valid cells of the [B, Qmax] grid, read row-major, are the
+    token axis in order: the result is one gather of those cells (a plain view when every sequence decodes).
+    """
     n_kv, d = k_cache.shape[2], k_cache.shape[3]
-    flat_k = k_cache.view(-1, n_kv, d)
-    flat_v = v_cache.view(-1, n_kv, d)
-    keys = flat_k[ctx.kv_index].transpose(1, 2)  # [B, n_kv, Lmax, d]
-    values = flat_v[ctx.kv_index].transpose(1, 2)
-    queries = q[ctx.q_index].transpose(1, 2)  # [B, n_heads, Qmax, d]
+    t, n_heads = q.shape[0], q.shape[1]
+    keys = k_cache.view(-1, n_kv, d)[ctx.kv_index].transpose(1, 2)  # [B, n_kv, Lmax, d]
+    values = v_cache.view(-1, n_kv, d)[ctx.kv_index].transpose(1, 2)
+    # queries: [B, n_heads, Qmax, d]; when decoding, B = T and Qmax = 1
+    queries = q.unsqueeze(2) if ctx.decode_only else q[ctx.q_index].transpose(1, 2)
     out = F.scaled_dot_product_attention(
         queries,
         keys,
         values,
         attn_mask=ctx.attention_mask(window),
         scale=scale,
-        enable_gqa=q.shape[1] != n_kv,
+        enable_gqa=n_heads != n_kv,
     )  # [B, n_heads, Qmax, d]
-    result = torch.empty_like(q)
-    result[ctx.q_index[ctx.q_valid]] = out.transpose(1, 2)[ctx.q_valid]
-    return result
+    if ctx.decode_only:
+        return out.view(t, n_heads, d)
+    return out.transpose(1, 2).reshape(-1, n_heads, d).index_select(0, ctx.q_cells)

@@ -14,21 +14,22 @@ from torch import nn
 from loraplex.engine.adapters.pool import AdapterPool
 from loraplex.engine.context import Context
 from loraplex.engine.model.llama import CausalLM, fused_slices
-from loraplex.kernels.lora import apply_lora, lora_embedding
+from loraplex.kernels.lora import LoRAStepCache, apply_lora, lora_embedding
 from loraplex.kernels.types import LoRAModuleWeights, LoRASlice
 
 
 class LoRALinear(nn.Module):
     """base(x) plus, per token, its adapter's delta for every fused slice (q/k/v into qkv, gate/up)."""
 
-    def __init__(self, base: nn.Module, slices: tuple[LoRASlice, ...]) -> None:
+    def __init__(self, base: nn.Module, slices: tuple[LoRASlice, ...], cache: LoRAStepCache) -> None:
         super().__init__()
         self.base = base
         self.slices = slices
+        self.cache = cache
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         out: torch.Tensor = self.base(x, ctx)  # x: [T, h_in] -> out: [T, sum(h_out)]
-        apply_lora(x, out, ctx.lora, self.slices)
+        apply_lora(x, out, ctx.lora, self.slices, self.cache)
         return out
 
 
@@ -47,19 +48,25 @@ class LoRAEmbedding(nn.Module):
 class LoRALMHead(nn.Module):
     """lm_head LoRA on the sampled rows only, so it uses the per-logits-row grouping ``ctx.lora_logits``."""
 
-    def __init__(self, base: nn.Module, weights: LoRAModuleWeights) -> None:
+    def __init__(self, base: nn.Module, weights: LoRAModuleWeights, cache: LoRAStepCache) -> None:
         super().__init__()
         self.base = base
         self.slices = (LoRASlice(weights, 0),)
+        self.cache = cache
 
     def forward(self, hidden: torch.Tensor, ctx: Context) -> torch.Tensor:
         out: torch.Tensor = self.base(hidden, ctx)  # [N, vocab]
-        apply_lora(hidden, out, ctx.lora_logits, self.slices)
+        apply_lora(hidden, out, ctx.lora_logits, self.slices, self.cache)
         return out
 
 
 def apply_lora_transform(model: CausalLM, pool: AdapterPool) -> None:
-    """Wrap every LoRA-capable module of ``model`` in place with views of ``pool``'s buffers."""
+    """Wrap every LoRA-capable module of ``model`` in place with views of ``pool``'s buffers.
+
+    All wrappers share one ``LoRAStepCache``: a step's segment layout is built once for every layer, and each
+    module's padded weights survive across steps while the step's adapters and the pool stay the same.
+    """
+    cache = LoRAStepCache()
     plan = fused_slices(model.args)
     for i, layer in enumerate(model.layers):
         for parent in (layer.self_attn, layer.mlp):
@@ -68,8 +75,8 @@ def apply_lora_transform(model: CausalLM, pool: AdapterPool) -> None:
                 if base is None:
                     continue
                 slices = tuple(LoRASlice(pool.weights[(i, name)], offset) for name, offset in parts)
-                setattr(parent, attr, LoRALinear(base, slices))
+                setattr(parent, attr, LoRALinear(base, slices, cache))
     if (None, "embed_tokens") in pool.weights:
         model.embed_tokens = LoRAEmbedding(model.embed_tokens, pool.weights[(None, "embed_tokens")])
     if (None, "lm_head") in pool.weights:
-        model.lm_head = LoRALMHead(model.lm_head, pool.weights[(None, "lm_head")])
+        model.lm_head = LoRALMHead(model.lm_head, pool.weights[(None, "lm_head")], cache)
