@@ -370,7 +370,7 @@ def test_registry_image_does_not_install_torch() -> None:
 
 def _pinned_torch() -> str:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    (pin,) = [d for d in extras["engine"] if d.startswith("torch==")]
+    (pin,) = [str(d) for d in extras["engine"] if str(d).startswith("torch==")]
     return pin.removeprefix("torch==")
 
 
