@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from loraplex.registry.context import UNSET, request_id_var
 from loraplex.registry.errors import LoraplexError, Unavailable, error_from_status
 from loraplex.registry.v1 import registry_service_pb2 as pb
 from loraplex.registry.v1 import registry_service_pb2_grpc as pb_grpc
@@ -75,7 +76,11 @@ class RegistryClient:
 
     def _metadata(self, token: str | None) -> Sequence[tuple[str, str]]:
         chosen = token if token is not None else self._token
-        return (("authorization", f"Bearer {chosen}"),) if chosen else ()
+        metadata = [("authorization", f"Bearer {chosen}")] if chosen else []
+        request_id = request_id_var.get()
+        if request_id != UNSET:  # inside a served call: the registry logs the caller's id too
+            metadata.append(("x-request-id", request_id))
+        return tuple(metadata)
 
     async def _call(
         self, method: Callable[..., Any], request: Any, token: str | None = None, timeout: float | None = None

@@ -106,7 +106,7 @@ class EngineApp:
             )
         self.metrics.bind_gauges(self._gauges)
         if s.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(s.metrics_port)
+            self.metrics_port = self.metrics.serve(s.metrics_port, s.metrics_host)
         self.servicer.runtime = EngineRuntime(engine, self.fetcher, model_info(s, engine, config), self.metrics)
         await self.handle.set_serving(True)
         log.info("engine serving", extra={"port": self.handle.port, "model": s.model})

@@ -163,8 +163,10 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         entries = fetcher.entries() if fetcher is not None else []
         return pb.ListResidentAdaptersResponse(adapters=[self._resident(e) for e in entries])
 
-    def _resident(self, entry: HostEntry) -> pb.ResidentAdapter:
+    def _resident(self, entry: HostEntry, resolved: ResolvedAdapter | None = None) -> pb.ResidentAdapter:
+        """Describe a cached adapter; ``resolved`` names it as this caller asked (one digest, many names)."""
         rt = self._rt()
+        named = resolved or entry.resolved
         device = {info.key: info for info in rt.engine.stats().resident_adapters}
         on_device = device.get(entry.resolved.digest)
         users = rt.engine.core.host.users(entry.resolved.digest)
@@ -172,8 +174,8 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         ts = timestamp_pb2.Timestamp()
         ts.FromNanoseconds(int(wall * 1e9))
         return pb.ResidentAdapter(
-            adapter=entry.resolved.adapter,
-            version=entry.resolved.version,
+            adapter=named.adapter,
+            version=named.version,
             digest=entry.resolved.digest,
             tier=pb.CACHE_TIER_DEVICE if on_device is not None else pb.CACHE_TIER_HOST,
             size_bytes=entry.nbytes,
@@ -194,7 +196,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         entry = fetcher.entry(resolved.digest)
         if entry is None:
             raise Unavailable(f"{request.adapter} was evicted before it could be reported")
-        return pb.PrefetchAdapterResponse(adapter=self._resident(entry))
+        return pb.PrefetchAdapterResponse(adapter=self._resident(entry, resolved))
 
     async def EvictAdapter(self, request: pb.EvictAdapterRequest, context: Context) -> pb.EvictAdapterResponse:
         require_admin()
@@ -213,7 +215,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             if task is not None:
                 await asyncio.shield(task)
         entry = fetcher.pin(resolved.digest, request.pinned)
-        return pb.PinAdapterResponse(adapter=self._resident(entry))
+        return pb.PinAdapterResponse(adapter=self._resident(entry, resolved))
 
 
 def _decorate_first(

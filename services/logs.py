@@ -6,20 +6,16 @@ that RPC — in servicers, stores, the engine's submit path — carries it witho
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import sys
 import time
-import uuid
 
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("loraplex_request_id", default="-")
+from loraplex.registry.context import new_request_id, request_id_var
+
+__all__ = ["JsonFormatter", "configure_logging", "new_request_id", "request_id_var"]
 
 _STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex[:16]
 
 
 class JsonFormatter(logging.Formatter):

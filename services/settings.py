@@ -48,7 +48,7 @@ class RegistrySettings:
     insecure: bool = opt(False, "allow listening beyond loopback without tokens")
     max_rank: int = opt(256, "largest LoRA rank accepted")
     max_adapter_bytes: int = opt(4 * GiB, "largest adapter_model.safetensors accepted")
-    spool_dir: str | None = opt(None, "where uploads are staged before validation (default: beside the blobs/tmp)")
+    spool_dir: str | None = opt(None, "where uploads are staged before validation (default: $TMPDIR/loraplex-spool)")
     gc_grace_seconds: float = opt(3600.0, "orphan blobs younger than this are kept by gc")
     log_level: str = opt("info", "log level")
 
@@ -79,7 +79,8 @@ class EngineSettings:
     alias_ttl_seconds: float = opt(5.0, "how long a resolved alias or 'latest' is trusted")
     max_queue: int = opt(1024, "requests in flight before RESOURCE_EXHAUSTED")
     max_model_len: int | None = opt(None, "context length cap (default: the model's)")
-    metrics_port: int | None = opt(None, "serve Prometheus metrics on this port (127.0.0.1)")
+    metrics_port: int | None = opt(None, "serve Prometheus metrics on this port (0 = a free one)")
+    metrics_host: str = opt("127.0.0.1", "address the metrics endpoint binds (0.0.0.0 inside a container)")
     log_level: str = opt("info", "log level")
 
 

@@ -55,7 +55,7 @@ function main() {
       const a = message.adapter;
       console.log(`adapter ${a.adapter}@${a.version} ${a.digest}`);
     }
-    if (message.tokens && message.tokens.length > 0) console.log(`delta ${JSON.stringify(message.text)}`);
+    if (message.tokens && message.tokens.length > 0) console.log(`delta ${JSON.stringify(message.text || "")}`);
     if (message.finish_reason && message.finish_reason !== "FINISH_REASON_UNSPECIFIED") {
       console.log(`finish ${message.finish_reason}`);
     }

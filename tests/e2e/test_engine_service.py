@@ -164,7 +164,15 @@ async def test_typed_errors(stack: Stack, tiny_models: dict[str, Path], tmp_path
             async for _ in stub.GenerateStream(request):
                 break
 
-        await expect_failure(first(stream_request("acme/nope", [3, 4])), grpc.StatusCode.NOT_FOUND, "ADAPTER_NOT_FOUND")
+        async def traced(request: epb.GenerateStreamRequest) -> None:
+            async for _ in stub.GenerateStream(request, metadata=(("x-request-id", "trace-42"),)):
+                break
+
+        relayed = await expect_failure(
+            traced(stream_request("acme/nope", [3, 4])), grpc.StatusCode.NOT_FOUND, "ADAPTER_NOT_FOUND"
+        )
+        assert relayed.metadata["request_id"] == "trace-42"  # forwarded to the registry and back
+        assert '"request_id": "trace-42"' in stack.registry.log()
         await expect_failure(first(stream_request("acme/qv-r4@99", [3, 4])), grpc.StatusCode.NOT_FOUND)
         await expect_failure(first(stream_request("Not/A Ref", [3, 4])), grpc.StatusCode.INVALID_ARGUMENT)
         await expect_failure(

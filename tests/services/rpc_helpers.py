@@ -16,18 +16,20 @@ class RpcFailure:
     message: str
     reason: str
     domain: str
+    metadata: dict[str, str]
 
 
 def failure_of(exc: grpc.aio.AioRpcError) -> RpcFailure:
     reason = domain = ""
+    metadata: dict[str, str] = {}
     for key, value in exc.trailing_metadata() or ():
         if key == "grpc-status-details-bin":
             status = status_pb2.Status.FromString(value)
             for detail in status.details:
                 info = error_details_pb2.ErrorInfo()
                 if detail.Unpack(info):
-                    reason, domain = info.reason, info.domain
-    return RpcFailure(exc.code(), exc.details() or "", reason, domain)
+                    reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
+    return RpcFailure(exc.code(), exc.details() or "", reason, domain, metadata)
 
 
 async def expect_failure(call: Awaitable[Any], code: grpc.StatusCode, reason: str | None = None) -> RpcFailure:
