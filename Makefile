@@ -1,5 +1,5 @@
 # The two set-up-and-go commands (see README): `make demo` and `make test`. Both install into .venv/ first.
-.PHONY: setup demo test lint protos bench-registry
+.PHONY: setup demo test lint protos docs
 
 setup:
 	tools/setup.sh
@@ -18,3 +18,6 @@ lint: setup
 
 protos: setup
 	.venv/bin/python tools/gen_protos.py
+
+docs: setup
+	.venv/bin/python tools/refresh_settings_tables.py
