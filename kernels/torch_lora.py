@@ -28,7 +28,9 @@ from loraplex.kernels.types import LoRABatch, LoRASlice
 # Cost-model constants, in padded token-cells: an extra tile costs about as much as this many padded cells
 # (one more bmm batch entry per chunk), which keeps lone long prefill segments from padding every decode segment.
 TILE_OVERHEAD_CELLS = 16
-CHUNK_OVERHEAD_ROWS = 4  # an extra rank-chunk per (tile, adapter) costs about this many padded rank-rows
+# An extra rank-chunk per (tile, adapter) costs about this many padded rank-rows (measured on CPU: chunks of 4 or
+# 8 rows run 2-4x slower than 16-32 because every chunk is one more bmm entry and one more index_add_ row block).
+CHUNK_OVERHEAD_ROWS = 24
 _CHUNK_WIDTHS = (4, 8, 16, 32, 64)
 _MAX_PLANS = 4  # a step uses two batches (tokens, logits rows); a few more tolerate interleaved callers
 

@@ -46,11 +46,10 @@ class Attention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj(x, ctx)  # [T, (n_heads + 2 n_kv) d]
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        q = qkv[:, :q_size].view(t, self.n_heads, self.head_dim)
-        k = qkv[:, q_size : q_size + kv_size].view(t, self.n_kv, self.head_dim)
+        # q and k heads rotate together: one rotary pass over [T, n_heads + n_kv, d]
+        qk = self.rope.apply(qkv[:, : q_size + kv_size].view(t, -1, self.head_dim), ctx.positions, ctx.memo)
+        q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
         v = qkv[:, q_size + kv_size :].view(t, self.n_kv, self.head_dim)
-        q = self.rope.apply(q, ctx.positions)
-        k = self.rope.apply(k, ctx.positions)
         write_kv(kv[0], kv[1], k, v, ctx)
         out = paged_attention(q, kv[0], kv[1], ctx, self.scale, self.window)
         result: torch.Tensor = self.o_proj(out.reshape(t, q_size), ctx)

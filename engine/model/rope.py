@@ -50,10 +50,19 @@ class RotaryTable:
         self.cos = emb.cos().to(dtype)
         self.sin = emb.sin().to(dtype)
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x [T, heads, head_dim] by each token's position (positions: int64 [T])."""
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, d]
-        sin = self.sin[positions].unsqueeze(1)
+    def apply(
+        self, x: torch.Tensor, positions: torch.Tensor, memo: dict[object, tuple[torch.Tensor, ...]] | None = None
+    ) -> torch.Tensor:
+        """Rotate x [T, heads, head_dim] by each token's position (positions: int64 [T]).
+
+        ``memo`` (the step context's) keeps the gathered cos/sin so every layer of a step reuses one gather.
+        """
+        cached = None if memo is None else memo.get(self)
+        if cached is None:
+            cached = (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))  # [T, 1, d] each
+            if memo is not None:
+                memo[self] = cached
+        cos, sin = cached
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
