@@ -134,6 +134,7 @@ class RegistryClient:
         """Fetch a version's weights and verify their sha256 against the registry's record."""
         metadata = self._metadata(token)
         parts: list[bytes] = []
+        hasher = hashlib.sha256()  # hashed as chunks arrive: no second pass over a large adapter
         version: pb.AdapterVersion | None = None
         try:
             call = self._stub.DownloadAdapterVersion(
@@ -144,6 +145,7 @@ class RegistryClient:
                 if message.HasField("adapter_version"):
                     version = message.adapter_version
                 parts.append(message.chunk)
+                hasher.update(message.chunk)
                 received += len(message.chunk)
                 if on_progress is not None and version is not None:
                     on_progress(received, version.size_bytes)
@@ -151,10 +153,9 @@ class RegistryClient:
             raise error_from_rpc(exc) from None
         if version is None:
             raise Unavailable(f"download of {ref} ended before its metadata", reason="DOWNLOAD_INCOMPLETE")
-        weights = b"".join(parts)
-        if offset == 0 and hashlib.sha256(weights).hexdigest() != version.weights_sha256:
+        if offset == 0 and hasher.hexdigest() != version.weights_sha256:
             raise Unavailable(f"download of {ref} failed its sha256 check", reason="DOWNLOAD_CORRUPT")
-        return DownloadedAdapter(version=version, weights=weights)
+        return DownloadedAdapter(version=version, weights=b"".join(parts))
 
     # -- writes ------------------------------------------------------------------------------------------
     async def register_base_model(self, name: str, config_json: str) -> pb.BaseModel:
