@@ -43,6 +43,7 @@ class Context:
     lora_logits: LoRABatch  # per logits row (lm_head LoRA)
     q_cells: torch.Tensor  # int64 [T] cell (b * Qmax + i) of each token in the padded grid, in token order
     decode_only: bool  # every sequence feeds exactly one token: the [B, Qmax] grid is the token axis itself
+    block_tables: torch.Tensor  # int32 [B, blocks] the step's KV blocks per sequence (the decode kernel's view)
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
     # Per-step values every layer would otherwise recompute (rotary cos/sin by table): built once, on first use.
     memo: dict[object, tuple[torch.Tensor, ...]] = field(default_factory=dict)
@@ -135,4 +136,5 @@ class Context:
             lora_logits=LoRABatch.from_slots(logits_slots, device),
             q_cells=q_valid.view(-1).nonzero().view(-1),
             decode_only=qmax == 1,
+            block_tables=tables.to(torch.int32),
         )

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from loraplex.engine.context import Context
+from loraplex.kernels.attention import paged_attention_decode, use_triton_decode
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> None:
@@ -36,6 +37,11 @@ def paged_attention(
     """
     n_kv, d = k_cache.shape[2], k_cache.shape[3]
     t, n_heads = q.shape[0], q.shape[1]
+    if ctx.decode_only and window is None and use_triton_decode(q):
+        # One query per sequence on CUDA: the paged decode kernel reads blocks in place (no [B, Lmax] gather).
+        return paged_attention_decode(
+            q.contiguous(), k_cache, v_cache, ctx.block_tables, ctx.kv_len.to(torch.int32), scale
+        )
     keys = k_cache.view(-1, n_kv, d)[ctx.kv_index].transpose(1, 2)  # [B, n_kv, Lmax, d]
     values = v_cache.view(-1, n_kv, d)[ctx.kv_index].transpose(1, 2)
     # queries: [B, n_heads, Qmax, d]; when decoding, B = T and Qmax = 1
