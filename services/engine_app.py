@@ -6,6 +6,7 @@ import asyncio
 import logging
 from pathlib import Path
 
+from loraplex.engine.adapters.disk_cache import DiskTier
 from loraplex.engine.adapters.fetcher import AdapterFetcher
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.engine import LLMEngine
@@ -103,6 +104,8 @@ class EngineApp:
                 host_budget_bytes=s.host_adapter_bytes,
                 alias_ttl_s=s.alias_ttl_seconds,
                 observer=self.metrics,
+                disk=DiskTier(Path(s.disk_cache_dir), s.disk_cache_bytes) if s.disk_cache_dir else None,
+                pin_memory=config.device == "cuda",
             )
         self.metrics.bind_gauges(self._gauges)
         if s.metrics_port is not None:
@@ -114,7 +117,7 @@ class EngineApp:
 
     def _gauges(self) -> dict[str, float]:
         if self.engine is None:
-            return {"waiting": 0, "running": 0, "kv_free": 0, "device_bytes": 0, "host_bytes": 0}
+            return {"waiting": 0, "running": 0, "kv_free": 0, "device_bytes": 0, "host_bytes": 0, "disk_bytes": 0}
         st = self.engine.stats()
         return {
             "waiting": st.num_waiting,
@@ -122,6 +125,7 @@ class EngineApp:
             "kv_free": st.kv_blocks_free,
             "device_bytes": sum(r.nbytes for r in st.resident_adapters),
             "host_bytes": sum(st.host_adapters.values()),
+            "disk_bytes": self.fetcher.disk_bytes() if self.fetcher is not None else 0,
         }
 
     async def stop(self) -> None:

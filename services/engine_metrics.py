@@ -51,6 +51,7 @@ class EngineMetrics:
         self.kv_free.set_function(lambda: read()["kv_free"])
         self.cache_bytes.labels("device").set_function(lambda: read()["device_bytes"])
         self.cache_bytes.labels("host").set_function(lambda: read()["host_bytes"])
+        self.cache_bytes.labels("disk").set_function(lambda: read()["disk_bytes"])
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)

@@ -76,6 +76,8 @@ class EngineSettings:
     block_size: int = opt(16, "tokens per KV block")
     gpu_adapter_bytes: int | None = opt(None, "device adapter pool budget (default: every slot at max rank)")
     host_adapter_bytes: int = opt(2 * GiB, "host adapter cache budget")
+    disk_cache_dir: str | None = opt(None, "tier 3: keep downloaded adapters here by digest (unset: no disk tier)")
+    disk_cache_bytes: int = opt(20 * GiB, "disk tier budget (LRU)")
     alias_ttl_seconds: float = opt(5.0, "how long a resolved alias or 'latest' is trusted")
     max_queue: int = opt(1024, "requests in flight before RESOURCE_EXHAUSTED")
     max_model_len: int | None = opt(None, "context length cap (default: the model's)")

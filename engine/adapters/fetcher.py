@@ -1,8 +1,9 @@
 """Adapters on demand: resolve a registry reference, fetch its weights once, verify, validate, cache on the host.
 
-The miss path is ``resolve → download → sha256 + digest verified → HostAdapter (validated against this engine's
-model) → host tier``; the device tier is filled by the scheduler when a batch needs the adapter. Why here and
-not in the scheduler: all I/O stays on the event loop, never inside a step.
+The miss path is ``resolve → (local disk tier, if configured) or download → sha256 + digest verified →
+HostAdapter (validated against this engine's model) → host tier (page-locked on CUDA)``; the device tier is
+filled by the scheduler when a batch needs the adapter. Why here and not in the scheduler: all I/O stays on the
+event loop, never inside a step.
 
 - Identity is the version digest. Mutable selectors (``ns/name``, ``@alias``) are cached for ``alias_ttl_s`` and
   then resolved again, so a re-pointed alias reaches new requests within the TTL and never serves stale weights;
@@ -17,6 +18,7 @@ not in the scheduler: all I/O stays on the event loop, never inside a step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -26,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from loraplex.engine.adapters.disk_cache import DiskTier
 from loraplex.engine.adapters.host import HostAdapter
 from loraplex.engine.engine import LLMEngine
 from loraplex.registry.client import RegistryClient
@@ -96,6 +99,8 @@ class AdapterFetcher:
         alias_ttl_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         observer: FetchObserver | None = None,
+        disk: DiskTier | None = None,
+        pin_memory: bool = False,
     ) -> None:
         self._engine = engine
         self._client = client
@@ -105,6 +110,8 @@ class AdapterFetcher:
         self._ttl = alias_ttl_s
         self._clock = clock
         self._observer = observer
+        self._disk = disk
+        self._pin_memory = pin_memory  # on CUDA: page-locked host copies make host→device loads async and fast
         self._resolved: dict[tuple[str, str], tuple[ResolvedAdapter, float]] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._host: OrderedDict[str, HostEntry] = OrderedDict()  # LRU order: oldest first
@@ -182,30 +189,42 @@ class AdapterFetcher:
     def _forget(self, digest: str, _task: asyncio.Task[None]) -> None:
         self._inflight.pop(digest, None)
 
+    async def _load_bytes(self, resolved: ResolvedAdapter, token: str) -> tuple[str, bytes, str]:
+        """(config, weights, tier) from the disk tier when it holds a verified copy, else from the registry."""
+        if self._disk is not None:
+            cached = await asyncio.to_thread(self._disk.get, resolved.digest)
+            if cached is not None and _digest_of(*cached) == resolved.digest:
+                self._event("disk", "hit")
+                return cached[0], cached[1], "disk"
+            self._event("disk", "miss")
+        downloaded = await self._client.download(f"{resolved.adapter}@{resolved.digest}", token=token or None)
+        self.stats.downloads += 1
+        self._event("registry", "download")
+        config = downloaded.version.adapter_config_json
+        if _digest_of(config, downloaded.weights) != resolved.digest:
+            raise Unavailable(
+                f"downloaded {resolved.adapter}@{resolved.version} does not match digest {resolved.digest}",
+                reason="DOWNLOAD_CORRUPT",
+            )
+        if self._disk is not None:
+            await asyncio.to_thread(self._disk.put, resolved.digest, config, downloaded.weights)
+        return config, downloaded.weights, "registry"
+
     async def _fetch(self, resolved: ResolvedAdapter, token: str) -> None:
         started = self._clock()
         try:
-            downloaded = await self._client.download(f"{resolved.adapter}@{resolved.digest}", token=token or None)
-            self.stats.downloads += 1
-            self._event("registry", "download")
-            version = downloaded.version
-            expected = version_digest(version.adapter_config_json, hashlib.sha256(downloaded.weights).hexdigest())
-            if expected != resolved.digest:
-                raise Unavailable(
-                    f"downloaded {resolved.adapter}@{resolved.version} does not match digest {resolved.digest}",
-                    reason="DOWNLOAD_CORRUPT",
-                )
+            config, weights, tier = await self._load_bytes(resolved, token)
             spec = self._engine.model_spec
-            adapter = await asyncio.to_thread(
-                HostAdapter.from_bytes, version.adapter_config_json, downloaded.weights, spec, self._max_rank
-            )
+            adapter = await asyncio.to_thread(HostAdapter.from_bytes, config, weights, spec, self._max_rank)
+            if self._pin_memory:
+                adapter = await asyncio.to_thread(pin_host_adapter, adapter)
             self._make_room(adapter.nbytes, resolved.digest)
             self._engine.add_adapter(resolved.digest, adapter)
             self._host[resolved.digest] = HostEntry(resolved, adapter.nbytes, self._clock())
             elapsed = self._clock() - started
             self.stats.load_seconds.append(elapsed)
             if self._observer is not None:
-                self._observer.on_load("registry", elapsed)
+                self._observer.on_load(tier, elapsed)
         except LoraplexError as exc:
             self.stats.download_failures += 1
             self._engine.fail_adapter(resolved.digest, _incompatible_if_invalid(exc))
@@ -240,6 +259,9 @@ class AdapterFetcher:
             )
 
     # -- admin ---------------------------------------------------------------------------------------------
+    def disk_bytes(self) -> int:
+        return self._disk.used_bytes() if self._disk is not None else 0
+
     def entries(self) -> list[HostEntry]:
         return list(self._host.values())
 
@@ -254,16 +276,30 @@ class AdapterFetcher:
         return entry
 
     def evict(self, digest: str) -> bool:
-        """Drop a host-resident adapter (``FailedPrecondition`` while requests use it)."""
+        """Drop an adapter from every tier (``FailedPrecondition`` while requests use it)."""
         if digest not in self._host:
             return False
         self._engine.remove_adapter(digest)
         del self._host[digest]
+        if self._disk is not None:
+            self._disk.remove(digest)
         self.stats.host_evictions += 1
         self._event("host", "eviction")
         for key in [k for k, (r, _) in self._resolved.items() if r.digest == digest]:
             del self._resolved[key]
         return True
+
+
+def _digest_of(config_json: str, weights: bytes) -> str:
+    return version_digest(config_json, hashlib.sha256(weights).hexdigest())
+
+
+def pin_host_adapter(adapter: HostAdapter) -> HostAdapter:
+    """The same adapter with every tensor in page-locked host memory (only meaningful with CUDA present)."""
+    modules = {
+        key: dataclasses.replace(m, a=m.a.pin_memory(), b=m.b.pin_memory()) for key, m in adapter.modules.items()
+    }
+    return dataclasses.replace(adapter, modules=modules)
 
 
 def _incompatible_if_invalid(exc: LoraplexError) -> LoraplexError:

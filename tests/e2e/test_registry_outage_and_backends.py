@@ -120,3 +120,33 @@ def test_postgres_and_s3_backed_stack_matches_peft(
         assert asyncio.run(run_all()) == want
     finally:
         stack.stop()
+
+
+def test_disk_tier_serves_an_adapter_the_host_tier_evicted(
+    tiny_models: dict[str, Path], tiny_adapters: dict[str, dict[str, Path]], tmp_path: Path
+) -> None:
+    # A host budget that holds all-r8 (~64 KiB in fp32) or qv-r4 (~7 KiB), never both.
+    extra = ["--host-adapter-bytes", "70000", "--disk-cache-dir", str(tmp_path / "disk")]
+    stack = start_stack(tiny_models["llama"], tmp_path, extra)
+    try:
+        for name in ("all-r8", "qv-r4"):
+            asyncio.run(push(stack.registry.address, f"acme/{name}", tiny_adapters["llama"][name]))
+
+        async def scenario() -> None:
+            channel, stub = engine_stub(stack)
+            async with channel:
+                first = await collect(stub, stream_request("acme/all-r8", [4, 5, 6]))
+                await collect(stub, stream_request("acme/qv-r4", [4, 5, 6]))  # evicts all-r8 from the host tier
+                downloads = stack.metric("loraplex_adapter_cache_events_total", tier="registry", event="download")
+                again = await collect(stub, stream_request("acme/all-r8", [4, 5, 6]))
+                assert again.token_ids == first.token_ids
+                assert stack.metric("loraplex_adapter_cache_events_total", tier="disk", event="hit") == 1
+                assert stack.metric("loraplex_adapter_cache_events_total", tier="host", event="eviction") >= 1
+                assert (
+                    stack.metric("loraplex_adapter_cache_events_total", tier="registry", event="download") == downloads
+                )
+                assert stack.metric("loraplex_adapter_cache_bytes", tier="disk") > 0
+
+        asyncio.run(scenario())
+    finally:
+        stack.stop()
