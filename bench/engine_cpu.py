@@ -5,23 +5,35 @@ Question answered: what does multi-LoRA cost in our runtime, and how does contin
 LoRA compare with the reference implementation on the same machine? Every number is measured in this run.
 
 Setup (the same for every contender, so the ratios are fair):
-  * one random Llama-family model (fp32) and 8 real PEFT adapters (ranks 4..64, mixed target sets) saved to disk;
-  * the same ``--requests`` prompts of ``--prompt-len`` random tokens, adapter i % 8 for request i;
-  * greedy decoding of exactly ``--new-tokens`` tokens per request (EOS ignored / ``min_new_tokens``);
+  * one random Llama-family model (fp32): ``--hidden``, ``--layers``, ``--vocab`` (32000 by default, so the
+    lm_head costs what it costs in a real small model), intermediate = 8/3 x hidden (rounded to 64), head_dim 64
+    (8 heads below hidden 512), kv heads = heads / 2; a word-level tokenizer covering the whole vocabulary (so
+    detokenizing costs what it costs for real, not an unknown-id no-op); 8 real PEFT adapters (ranks 4..64,
+    mixed target sets) saved to disk;
+  * ``--requests`` prompts of random tokens, each of a length drawn uniformly from ``--prompt-len MIN:MAX``,
+    adapter i % 8 for request i;
+  * greedy decoding; request i generates exactly n_i tokens, n_i drawn uniformly from ``--new-tokens MIN:MAX``
+    (EOS ignored / ``min_new_tokens``); a single number means every request uses it (round 1's uniform setup);
   * the same torch thread count (``--threads``) for everything;
   * each contender runs ``--repeats`` times, interleaved, on a fresh engine (adapters are loaded into the device
     pool inside the timed region, as a cold step would), and the best run is reported.
 Contenders:
-  * engine, mixed LoRA: all requests submitted at once, stepped to completion (continuous batching);
+  * engine, mixed LoRA: all requests submitted at once, stepped to completion (continuous batching: a request
+    leaves the batch when its n_i tokens are out, and its KV blocks are freed);
   * engine, base only: the same requests with no adapter (LoRA overhead = 1 - mixed / base);
-  * PEFT batched (headline baseline): one ``PeftModel.generate`` over the padded batch with ``adapter_names``;
-  * PEFT sequential (``--sequential``): one ``generate`` per request, its adapter set with ``set_adapter``.
+  * PEFT batched (headline baseline): one ``PeftModel.generate`` over the left-padded batch with
+    ``adapter_names`` and ``max_new_tokens = min_new_tokens = max n_i``. ``generate`` takes one length for the
+    whole batch, so every row runs until the longest request is done; that is the real-world cost of padded
+    batching. Only the useful tokens (sum of n_i, the same count the engine produces) are credited;
+  * PEFT sequential (``--sequential``): one ``generate`` per request (no padding, exactly n_i tokens), its adapter
+    chosen with ``set_adapter``.
 Two throughputs per contender: wall-clock tok/s, and tok per CPU-second (``time.process_time``). On a shared
 machine other processes stretch wall time; CPU time is far less sensitive, and with ``--threads 1`` it equals wall
 time on an idle machine. ``--breakdown`` adds where one mixed-LoRA run spends its time, phase by phase.
 
-    .venv/bin/python bench/engine_cpu.py [--requests 32] [--new-tokens 32] [--hidden 256] [--layers 4]
-                                         [--threads 1] [--repeats 3] [--sequential] [--breakdown]
+    .venv/bin/python bench/engine_cpu.py [--requests 32] [--prompt-len 8:64] [--new-tokens 8:64] [--hidden 256]
+                                         [--layers 4] [--vocab 32000] [--threads 1] [--repeats 3]
+                                         [--sequential] [--breakdown]
 """
 
 from __future__ import annotations
@@ -89,7 +101,12 @@ class Workload:
     adapters: dict[str, Path]
     prompts: list[list[int]]
     names: list[str]
-    new_tokens: int
+    new_tokens: list[int]  # n_i per request
+    pad_id: int = 2
+
+    @property
+    def useful_tokens(self) -> int:
+        return sum(self.new_tokens)
 
     def core(self) -> EngineCore:
         core = EngineCore.load(
@@ -97,7 +114,7 @@ class Workload:
                 model_dir=self.model_dir,
                 dtype="float32",
                 max_adapters_per_step=len(self.adapters),
-                kv_cache_blocks=512,
+                kv_cache_blocks=1024,
                 max_lora_rank=64,
             )
         )
@@ -107,8 +124,8 @@ class Workload:
 
     def engine(self, lora: bool, into: list[Rate], core: EngineCore | None = None) -> None:
         core = core or self.core()
-        params = SamplingParams(max_new_tokens=self.new_tokens, ignore_eos=True)  # greedy by default
-        for i, prompt in enumerate(self.prompts):
+        for i, (prompt, n) in enumerate(zip(self.prompts, self.new_tokens, strict=True)):
+            params = SamplingParams(max_new_tokens=n, ignore_eos=True)  # greedy by default
             key = self.names[i] if lora else None
             core.add_request(GenerationRequest(f"r{i}", prompt, params, adapter_key=key))
         generated = 0
@@ -132,18 +149,26 @@ class Workload:
         return model.eval()
 
     def peft_batched(self, model: Any, into: list[Rate]) -> None:
-        ids = torch.tensor(self.prompts)
+        """One padded ``generate``: left padding + attention mask, every row runs max n_i tokens."""
+        width = max(len(p) for p in self.prompts)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in self.prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in self.prompts])
+        longest = max(self.new_tokens)
         out: list[torch.Tensor] = []
-        with _clock(lambda: int((out[0].shape[1] - ids.shape[1]) * ids.shape[0]), into), torch.no_grad():
+        with _clock(lambda: self.useful_tokens, into), torch.no_grad():
             out.append(
                 model.generate(
                     ids,
+                    attention_mask=mask,
                     adapter_names=self.names,
                     do_sample=False,
-                    max_new_tokens=self.new_tokens,
-                    min_new_tokens=self.new_tokens,
+                    max_new_tokens=longest,
+                    min_new_tokens=longest,
+                    pad_token_id=self.pad_id,
                 )
             )
+        if out[0].shape[1] != width + longest:
+            raise RuntimeError("PEFT generate stopped early; the comparison would not be fair")
 
     def peft_sequential(self, model: Any, into: list[Rate]) -> None:
         generated = 0
@@ -152,13 +177,37 @@ class Workload:
             return generated
 
         with _clock(count, into), torch.no_grad():
-            for prompt, name in zip(self.prompts, self.names, strict=True):
+            for prompt, name, n in zip(self.prompts, self.names, self.new_tokens, strict=True):
                 model.set_adapter(name)
                 ids = torch.tensor([prompt])
-                out = model.generate(
-                    ids, do_sample=False, max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens
-                )
+                out = model.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=self.pad_id)
                 generated += int(out.shape[1] - ids.shape[1])
+
+
+def word_tokenizer(model_dir: Path, vocab: int) -> None:
+    """Replace the model's tokenizer by a word-level one with one word per id (w0 .. w{vocab-1}).
+
+    Why: the tiny BPE of the test fixtures knows a few hundred ids; decoding the others yields no text, which
+    would make detokenization an unrealistic no-op (and keep growing its window). Special ids 0..2 stay
+    ``<s>``, ``</s>``, ``<pad>`` so the model config's BOS/EOS/PAD still mean what they say.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    specials = ["<s>", "</s>", "<pad>"]
+    words = {w: i for i, w in enumerate(specials + [f"w{i}" for i in range(len(specials), vocab)])}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<pad>"))
+    tok.add_special_tokens([AddedToken(s, special=True) for s in specials])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok.save(str(model_dir / "tokenizer.json"))
+
+
+def _span(text: str) -> tuple[int, int]:
+    """``"8:64"`` -> (8, 64); ``"24"`` -> (24, 24)."""
+    low, _, high = text.partition(":")
+    lo, hi = int(low), int(high or low)
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected N or MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return lo, hi
 
 
 def breakdown(work: Workload) -> list[tuple[str, float]]:
@@ -228,38 +277,50 @@ def breakdown(work: Workload) -> list[tuple[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=24)
+    parser.add_argument("--prompt-len", type=_span, default=(8, 64), help="N or MIN:MAX (uniform per request)")
+    parser.add_argument("--new-tokens", type=_span, default=(8, 64), help="N or MIN:MAX (uniform per request)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sequential", action="store_true", help="also time PEFT one request at a time")
     parser.add_argument("--breakdown", action="store_true", help="time the phases of one mixed-LoRA run")
+    parser.add_argument("--skip-peft", action="store_true", help="engine contenders only (quick iterations)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    heads = max(8, args.hidden // 64)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dims = dict(
             hidden_size=args.hidden,
-            intermediate_size=args.hidden * 2,
+            intermediate_size=-(-args.hidden * 8 // 3 // 64) * 64,
             num_hidden_layers=args.layers,
-            num_attention_heads=8,
-            num_key_value_heads=4,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2,
             max_position_embeddings=512,
+            vocab_size=args.vocab,
         )
         model_dir = build_model(root / "model", arch="llama", **dims)
+        word_tokenizer(model_dir, args.vocab)
         adapters = {name: build_adapter(model_dir, root / name, spec) for name, spec in ZOO.items()}
         names = [list(adapters)[i % len(adapters)] for i in range(args.requests)]
-        g = torch.Generator().manual_seed(0)
-        prompts = torch.randint(3, 320, (args.requests, args.prompt_len), generator=g).tolist()
-        work = Workload(model_dir, adapters, prompts, names, args.new_tokens)
+        g = torch.Generator().manual_seed(args.seed)
 
-        warm = Workload(model_dir, adapters, prompts[:2], names[:2], 2)
+        def draw(span: tuple[int, int]) -> list[int]:
+            return torch.randint(span[0], span[1] + 1, (args.requests,), generator=g).tolist()
+
+        lengths, new_tokens = draw(args.prompt_len), draw(args.new_tokens)
+        prompts = [torch.randint(3, args.vocab, (n,), generator=g).tolist() for n in lengths]
+        work = Workload(model_dir, adapters, prompts, names, new_tokens)
+
+        warm = Workload(model_dir, adapters, prompts[:2], names[:2], [2, 2])
         warm.engine(True, [])
-        peft = work.peft_model()
-        warm.peft_batched(peft, [])
+        peft = None if args.skip_peft else work.peft_model()
+        if peft is not None:
+            warm.peft_batched(peft, [])
         lora: list[Rate] = []
         base: list[Rate] = []
         batched: list[Rate] = []
@@ -267,26 +328,32 @@ def main() -> None:
         for _ in range(args.repeats):
             work.engine(True, lora)
             work.engine(False, base)
-            work.peft_batched(peft, batched)
-        if args.sequential:
+            if peft is not None:
+                work.peft_batched(peft, batched)
+        if args.sequential and peft is not None:
             work.peft_sequential(peft, sequential)
         rows = breakdown(work) if args.breakdown else []
 
-    lo, ba, pb = Rate.best(lora), Rate.best(base), Rate.best(batched)
+    lo, ba = Rate.best(lora), Rate.best(base)
     print(
-        f"model: llama hidden={args.hidden} layers={args.layers}; {args.requests} requests x {args.prompt_len} "
-        f"prompt + {args.new_tokens} new tokens, {len(adapters)} adapters (ranks 4..64), threads={args.threads}, "
+        f"model: llama hidden={args.hidden} inter={dims['intermediate_size']} layers={args.layers} "
+        f"heads={heads}/{heads // 2} vocab={args.vocab}; {args.requests} requests, prompt "
+        f"{min(lengths)}..{max(lengths)} (sum {sum(lengths)}), new tokens {min(new_tokens)}..{max(new_tokens)} "
+        f"(sum {sum(new_tokens)}), {len(adapters)} adapters (ranks 4..64), threads={args.threads}, "
         f"best of {args.repeats}"
     )
     print(f"{'':22s} {'wall tok/s':>10s} {'CPU tok/s':>10s}")
     print(f"{'engine, mixed LoRA':22s} {lo.wall:10.1f} {lo.cpu:10.1f}")
     print(f"{'engine, base only':22s} {ba.wall:10.1f} {ba.cpu:10.1f}")
-    print(f"{'PEFT batched':22s} {pb.wall:10.1f} {pb.cpu:10.1f}")
+    if batched:
+        pb = Rate.best(batched)
+        print(f"{'PEFT batched':22s} {pb.wall:10.1f} {pb.cpu:10.1f}")
     if sequential:
         ps = Rate.best(sequential)
         print(f"{'PEFT sequential':22s} {ps.wall:10.1f} {ps.cpu:10.1f}")
     print(f"LoRA / base          : wall {lo.wall / ba.wall:.2f}  CPU {lo.cpu / ba.cpu:.2f}   (goal >= 0.77)")
-    print(f"engine / PEFT batched: wall {lo.wall / pb.wall:.2f}  CPU {lo.cpu / pb.cpu:.2f}   (goal >= 5)")
+    if batched:
+        print(f"engine / PEFT batched: wall {lo.wall / pb.wall:.2f}  CPU {lo.cpu / pb.cpu:.2f}   (goal >= 5)")
     if sequential:
         print(f"engine / PEFT seq.   : wall {lo.wall / ps.wall:.2f}  CPU {lo.cpu / ps.cpu:.2f}")
     if rows:
