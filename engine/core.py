@@ -184,6 +184,7 @@ class EngineCore:
                 [s.generator for s in seqs],
                 [s.token_ids for s in seqs],
                 banned=[s.output.banned(s.num_generated) for s in seqs],
+                need_logprobs=any(s.params.logprobs for s in seqs),
             )
         return self.scheduler.postprocess(batch, samples)
 

@@ -235,12 +235,15 @@ def sample(
     histories: Sequence[Sequence[int]],
     *,
     banned: Sequence[Sequence[int]] | None = None,
+    need_logprobs: bool = True,
 ) -> SampleOutput:
     """Choose one token per row. See the module docstring for the exact order of operations.
 
     logits: [B, V] (any float dtype; computed in float32). ``histories[i]`` is prompt + output so far (only
     read when that row's repetition penalty is not 1). ``banned[i]`` are token ids the row may not pick this
     step (the caller passes EOS / stop ids while fewer than ``min_new_tokens`` were generated).
+    ``need_logprobs=False`` (no row of the step reports logprobs) skips the vocabulary-wide logsumexp and
+    fills ``logprobs`` with NaN; rows asking for ``top_logprobs`` still get theirs.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
@@ -249,16 +252,40 @@ def sample(
         raise ValueError("params, generators and histories need one entry per logits row")
     if banned is not None and len(banned) != batch:
         raise ValueError("banned needs one entry per logits row")
-    device = logits.device
     raw = logits.float()
-    # log_softmax(raw) = raw - logsumexp(raw); only [B] is kept, never a second [B, V] buffer.
-    log_z = torch.logsumexp(raw, dim=-1)  # [B]
+    plain = all(p.is_greedy and p.repetition_penalty == 1.0 for p in params) and not (
+        banned is not None and any(banned)
+    )
+    # All-greedy batch with nothing to mask: one argmax over the raw logits, no copies (the common case).
+    chosen = raw.argmax(dim=-1) if plain else _choose(raw, params, generators, histories, banned)
+    wants_top = any(p.top_logprobs > 0 for p in params)
+    logprobs = [math.nan] * batch
+    top: list[list[tuple[int, float]]] = [[] for _ in params]
+    if need_logprobs or wants_top:
+        # log_softmax(raw) = raw - logsumexp(raw); only [B] is kept, never a second [B, V] buffer.
+        log_z = torch.logsumexp(raw, dim=-1)  # [B]
+        if need_logprobs:
+            logprobs = (raw.gather(1, chosen[:, None]).squeeze(1) - log_z).tolist()
+        top = [
+            _top_logprobs(raw[i] - log_z[i], p.top_logprobs) if p.top_logprobs > 0 else [] for i, p in enumerate(params)
+        ]
+    return SampleOutput(token_ids=chosen.tolist(), logprobs=logprobs, top_logprobs=top)
 
+
+def _choose(
+    raw: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    histories: Sequence[Sequence[int]],
+    banned: Sequence[Sequence[int]] | None,
+) -> torch.Tensor:
+    """[B] token ids for a batch that penalises, masks or samples (the general path)."""
+    device = raw.device
+    batch = raw.shape[0]
     x = apply_repetition_penalty(raw, [p.repetition_penalty for p in params], histories)
     if banned is not None:
         for i, ids in enumerate(banned):
             mask_tokens(x[i], ids)
-
     chosen = torch.empty(batch, dtype=torch.long, device=device)
     greedy = [i for i, p in enumerate(params) if p.is_greedy]
     random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
@@ -270,10 +297,7 @@ def sample(
         chosen[r_index] = _sample_rows(
             x[r_index], [params[i] for i in random_rows], [generators[i] for i in random_rows]
         )
-
-    chosen_logprobs = raw.gather(1, chosen[:, None]).squeeze(1) - log_z
-    top = [_top_logprobs(raw[i] - log_z[i], p.top_logprobs) if p.top_logprobs > 0 else [] for i, p in enumerate(params)]
-    return SampleOutput(token_ids=chosen.tolist(), logprobs=chosen_logprobs.tolist(), top_logprobs=top)
+    return chosen
 
 
 def _sample_rows(
