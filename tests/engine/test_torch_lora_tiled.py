@@ -163,3 +163,27 @@ def test_bfloat16_pool_and_activations() -> None:
     apply_lora_torch(x, got, batch, half)
     want = _reference(x, torch.zeros(4, 8, dtype=torch.bfloat16), batch, half)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("layout", ["partial", "odd_widths", "strided_out"])
+def test_scatter_into_any_output_layout(layout: str) -> None:
+    """All slices are scattered in one index_add_ over rows of gcd(widths) columns: slices that cover only
+    part of ``out``, widths with gcd 1, and a non-contiguous ``out`` must all still match the reference."""
+    g = torch.Generator().manual_seed(6)
+    outs = [7, 5, 3] if layout == "odd_widths" else [8, 4]
+    slices = _fused(16, outs, 4, g)
+    width = sum(outs)
+    if layout == "partial":  # only the second slice, at its offset inside a wider output with a tail
+        slices = slices[1:]
+        width += 6
+    batch = LoRABatch.from_slots([0, 1, 2, 3, 1, -1, 0, 3, 2])
+    x = torch.randn(9, 16, generator=g)
+    base = torch.randn(9, width, generator=g)
+    got = base.clone()
+    if layout == "strided_out":
+        holder = torch.randn(width, 9, generator=g)
+        holder.copy_(base.t())
+        got = holder.t()  # [9, width] with transposed strides
+        assert not got.is_contiguous()
+    apply_lora_torch(x, got, batch, list(slices), LoRAStepCache())
+    torch.testing.assert_close(got, _reference(x, base, batch, list(slices)), atol=1e-5, rtol=1e-5)
