@@ -109,7 +109,7 @@ class Context:
         blocks = -(-lmax // block_size)
         tables = i64([s.block_table[:blocks] + [0] * (blocks - len(s.block_table[:blocks])) for s in slices])
         offsets = torch.arange(block_size, dtype=torch.int64, device=device)
-        kv_index = (tables.view(num_seqs, blocks, 1) * block_size + offsets).view(num_seqs, -1)[:, :lmax]
+        kv_index = (tables.view(num_seqs, blocks, 1) * block_size + offsets).view(num_seqs, -1)[:, :lmax].contiguous()
         pos = i64(positions)
         q_len_t = i64(q_len)
         starts = i64(kv_len) - q_len_t  # position of each sequence's first new token

@@ -42,10 +42,16 @@ def paged_attention(
         return paged_attention_decode(
             q.contiguous(), k_cache, v_cache, ctx.block_tables, ctx.kv_len.to(torch.int32), scale
         )
-    keys = k_cache.view(-1, n_kv, d)[ctx.kv_index].transpose(1, 2)  # [B, n_kv, Lmax, d]
-    values = v_cache.view(-1, n_kv, d)[ctx.kv_index].transpose(1, 2)
-    # queries: [B, n_heads, Qmax, d]; when decoding, B = T and Qmax = 1
-    queries = q.unsqueeze(2) if ctx.decode_only else q[ctx.q_index].transpose(1, 2)
+    b, lmax = ctx.kv_index.shape
+    # index_select on the flat slot axis: a plain row copy, ~5x faster on CPU than advanced indexing.
+    flat_index = ctx.kv_index.reshape(-1)
+    keys = k_cache.view(-1, n_kv, d).index_select(0, flat_index).view(b, lmax, n_kv, d).transpose(1, 2)
+    values = v_cache.view(-1, n_kv, d).index_select(0, flat_index).view(b, lmax, n_kv, d).transpose(1, 2)
+    # keys/values: [B, n_kv, Lmax, d]; queries: [B, n_heads, Qmax, d]; when decoding, B = T and Qmax = 1
+    if ctx.decode_only:
+        queries = q.unsqueeze(2)
+    else:
+        queries = q.index_select(0, ctx.q_index.reshape(-1)).view(b, -1, n_heads, d).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         queries,
         keys,
