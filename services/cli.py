@@ -97,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--force", action="store_true", help="deleting a whole adapter: also delete its versions")
     delete.set_defaults(handler=cli_registry.adapters_delete)
 
-    demo = top.add_parser("demo", help="run the registry on embedded defaults and push/list/resolve demo adapters")
+    demo = top.add_parser(
+        "demo", help="train (once) demo adapters, serve them from the registry + engine, stream one mixed batch"
+    )
+    demo.add_argument("--rebuild", action="store_true", help="retrain the demo model and adapters (ignore the cache)")
     demo.set_defaults(handler=_demo)
 
     _add_optional_commands(top, client, as_json)
@@ -107,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def _demo(args: argparse.Namespace) -> int:
     from loraplex.services.demo import demo_settings, run_demo
 
-    return await run_demo(demo_settings())
+    return await run_demo(demo_settings(), rebuild=args.rebuild)
 
 
 def _add_optional_commands(top: Any, client: argparse.ArgumentParser, as_json: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ and tokenizers are imported lazily: they are demo/test tools, never runtime depe
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,3 +121,55 @@ def build_adapter(model_dir: Path, out_dir: Path, spec: AdapterSpec) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(out_dir))
     return out_dir
+
+
+# -- the demo's character-level model --------------------------------------------------------------------------
+
+CHAR_SPECIALS = ("<s>", "</s>", "<pad>", "<unk>")  # ids 0..3: bos, eos, pad, unk
+CHAR_ALPHABET = string.ascii_lowercase + string.ascii_uppercase + "="
+# Big enough to learn copy/reverse/sort in a few hundred CPU steps, small enough that one step is ~50 ms.
+CHAR_DIMS: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+
+
+def char_tokenizer() -> Any:
+    """One token per character, BOS prepended, EOS/PAD/UNK special.
+
+    Why characters: the demo tasks (reverse, sort, shift…) act on letters, so every letter must be its own token
+    for a tiny model to learn them; a ``tokenizers`` BPE with no merges is exactly that, and it is what the engine
+    loads from ``tokenizer.json``. ``Fuse`` makes decoding concatenate (no spaces between tokens).
+    """
+    from tokenizers import Tokenizer, decoders, models, processors
+
+    vocab = {token: i for i, token in enumerate([*CHAR_SPECIALS, *CHAR_ALPHABET])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(list(CHAR_SPECIALS))
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return tok
+
+
+def save_char_tokenizer(tok: Any, out_dir: Path) -> None:
+    """``tokenizer.json`` for the engine plus the Hugging Face wrapper files, so transformers can load it too."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+
+
+def char_model_config() -> Any:
+    """A tiny Llama config over the character vocabulary (vocab rounded up to 64 rows)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**CHAR_DIMS, vocab_size=64, bos_token_id=0, eos_token_id=1, pad_token_id=2)
