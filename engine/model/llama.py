@@ -103,7 +103,7 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(args, i, w, rope) for i in range(args.num_layers)])
         self.norm = RMSNorm(w["model.norm.weight"], args.rms_norm_eps)
         head = w["model.embed_tokens.weight"] if args.tie_word_embeddings else w["lm_head.weight"]
-        self.lm_head: nn.Module = LMHead(head)
+        self.lm_head: nn.Module = LMHead(head, tied=args.tie_word_embeddings)
 
     def forward(self, ctx: Context, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         x = self.embed_tokens(ctx.input_ids, ctx)  # [T, hidden]
