@@ -234,9 +234,15 @@ def create_bucket_if_missing(client: Any, bucket: str) -> None:
 
 
 def _stream_chunks(body: Any) -> Iterator[bytes]:
+    """Chunks of a GET body; a connection lost mid-stream surfaces as ``Unavailable``, like a failed GET."""
+    from botocore.exceptions import BotoCoreError
+    from urllib3.exceptions import HTTPError
+
     try:
         while chunk := body.read(CHUNK_SIZE):
             yield chunk
+    except (BotoCoreError, HTTPError, OSError) as exc:
+        raise Unavailable(f"blob store read failed: {exc}") from exc
     finally:
         body.close()
 

@@ -8,6 +8,7 @@ the engine can answer NOT_FOUND for an unknown adapter because the registry said
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,31 +132,44 @@ class RegistryClient:
         offset: int = 0,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> DownloadedAdapter:
-        """Fetch a version's weights and verify their sha256 against the registry's record."""
+        """Fetch a version's weights (from ``offset``) and check their size, and from 0 their sha256.
+
+        Chunks are hashed as they arrive (no second pass) and copied straight into one buffer preallocated to
+        the size the first message announces: ``BytesIO.getvalue()`` then hands that same object back, where
+        keeping every chunk and joining them would fault in and copy the adapter's size twice more.
+        """
         metadata = self._metadata(token)
-        parts: list[bytes] = []
-        hasher = hashlib.sha256()  # hashed as chunks arrive: no second pass over a large adapter
+        buffer: io.BytesIO | None = None
+        hasher = hashlib.sha256()
         version: pb.AdapterVersion | None = None
+        received = offset
         try:
             call = self._stub.DownloadAdapterVersion(
                 pb.DownloadAdapterVersionRequest(ref=ref, offset=offset), metadata=metadata, timeout=self._timeout
             )
-            received = offset
             async for message in call:
                 if message.HasField("adapter_version"):
                     version = message.adapter_version
-                parts.append(message.chunk)
-                hasher.update(message.chunk)
-                received += len(message.chunk)
+                if buffer is None:
+                    expected = version.size_bytes - offset if version is not None else 0
+                    buffer = io.BytesIO(bytes(max(expected, 0)))
+                chunk = message.chunk  # every attribute read copies the bytes out of the message: read once
+                buffer.write(chunk)
+                hasher.update(chunk)
+                received += len(chunk)
                 if on_progress is not None and version is not None:
                     on_progress(received, version.size_bytes)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
-        if version is None:
+        if version is None or buffer is None:
             raise Unavailable(f"download of {ref} ended before its metadata", reason="DOWNLOAD_INCOMPLETE")
+        if received != version.size_bytes:
+            raise Unavailable(
+                f"download of {ref} ended at byte {received} of {version.size_bytes}", reason="DOWNLOAD_INCOMPLETE"
+            )
         if offset == 0 and hasher.hexdigest() != version.weights_sha256:
             raise Unavailable(f"download of {ref} failed its sha256 check", reason="DOWNLOAD_CORRUPT")
-        return DownloadedAdapter(version=version, weights=b"".join(parts))
+        return DownloadedAdapter(version=version, weights=buffer.getvalue())
 
     # -- writes ------------------------------------------------------------------------------------------
     async def register_base_model(self, name: str, config_json: str) -> pb.BaseModel:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ from loraplex.services.convert import adapter_to_pb, base_model_to_pb, version_t
 
 Context = grpc.aio.ServicerContext[Any, Any]
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdapterRegistryService"].full_name
-_DONE = object()
+# Chunks a download may read ahead of the gRPC send: enough to keep the blob read and the send overlapping,
+# small enough that a slow client pins only a few MiB of server memory per stream.
+READ_AHEAD_CHUNKS = 4
 
 
 def _namespace_of(name: str) -> str:
@@ -38,8 +41,53 @@ def _namespace_of_ref(ref: str) -> str:
     return parse_ref(ref).namespace
 
 
-def _next_chunk(chunks: Iterator[bytes]) -> object:
-    return next(chunks, _DONE)
+async def read_ahead(chunks: Iterator[bytes], depth: int = READ_AHEAD_CHUNKS) -> AsyncIterator[bytes]:
+    """Yield ``chunks`` on the event loop while one worker thread reads up to ``depth`` chunks ahead.
+
+    Why: a blocking read per ``asyncio.to_thread`` hop serialises the blob read with the gRPC send (neither
+    runs while the other waits) and pays an executor round trip per chunk. One reader thread per stream keeps
+    S3/disk reads flowing while the previous chunk is on the wire; the bounded window (a semaphore the
+    consumer releases) keeps memory flat against slow clients. A dedicated thread rather than the default
+    executor: a long download must not occupy one of the few workers every other RPC's store call needs.
+    The iterator is consumed and closed in the reader thread only (generators are not thread-safe), and a
+    consumer that stops early (client cancelled) makes the reader stop after its current read.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+    window = threading.Semaphore(depth)
+    stopped = threading.Event()
+
+    def hand_over(item: bytes | BaseException | None) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            stopped.set()
+
+    def read() -> None:
+        try:
+            for chunk in chunks:
+                window.acquire()
+                if stopped.is_set():
+                    return
+                hand_over(chunk)
+            hand_over(None)
+        except BaseException as exc:  # re-raised on the event loop by the consumer: it must not wait forever
+            hand_over(exc)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    threading.Thread(target=read, name="registry-download", daemon=True).start()
+    try:
+        while (item := await queue.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            window.release()
+            yield item
+    finally:
+        stopped.set()
+        window.release()  # unblock a reader waiting for room so it can see ``stopped`` and exit
 
 
 class RegistryServicer(pb_grpc.AdapterRegistryServiceServicer):
@@ -151,13 +199,15 @@ class RegistryServicer(pb_grpc.AdapterRegistryServiceServicer):
             async for message in request_iterator:
                 if message.WhichOneof("content") != "chunk":
                     raise InvalidArgument("header sent twice: only chunks may follow it", reason="UPLOAD_PROTOCOL")
-                received += len(message.chunk)
+                chunk = message.chunk  # every attribute read copies the bytes out of the message: read once
+                received += len(chunk)
                 if received > declared:
                     raise InvalidArgument(f"received more than the declared {declared} bytes", reason="SIZE_MISMATCH")
-                hasher.update(message.chunk)
-                out.write(message.chunk)
+                hasher.update(chunk)
+                out.write(chunk)
             out.flush()
-            os.fsync(out.fileno())
+            # fsync waits for the disk (a 1 GB spool: seconds): never on the event loop every RPC shares.
+            await asyncio.to_thread(os.fsync, out.fileno())
         if received != declared:
             raise InvalidArgument(f"upload ended after {received} of {declared} declared bytes", reason="SIZE_MISMATCH")
         return hasher.hexdigest()
@@ -192,11 +242,7 @@ class RegistryServicer(pb_grpc.AdapterRegistryServiceServicer):
         version, chunks = await asyncio.to_thread(self._svc.open_download, request.ref, request.offset)
         offset = request.offset
         first = True
-        while True:
-            chunk = await asyncio.to_thread(_next_chunk, chunks)
-            if chunk is _DONE:
-                break
-            assert isinstance(chunk, bytes)
+        async for chunk in read_ahead(chunks):
             yield pb.DownloadAdapterVersionResponse(
                 adapter_version=version_to_pb(version) if first else None, offset=offset, chunk=chunk
             )
