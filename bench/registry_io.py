@@ -233,53 +233,76 @@ def s3_client(endpoint: str) -> Any:
 
 @dataclass
 class Transfer:
-    """Seconds per repeat for one (size, path, direction)."""
+    """Wall and CPU seconds per repeat for one (size, path, direction).
+
+    CPU is this process (the benchmark client, plus the registry when it runs in-process) plus the registry
+    subprocess when there is one; the S3 endpoint is left out (the same for both paths). On a shared box the
+    wall-clock ratio moves with whatever else runs; CPU seconds per GB show what the registry path costs.
+    """
 
     size_bytes: int
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
 
     @property
     def mb_s(self) -> float:
         return self.size_bytes / MB / statistics.median(self.seconds)
 
+    @property
+    def cpu_s_per_gb(self) -> float:
+        return statistics.median(self.cpu_seconds) / (self.size_bytes / 1e9)
 
-def raw_put(client: Any, bucket: str, key: str, path: Path) -> float:
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of another process (Linux ``/proc``; 0 where that is not available)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measured(transfer: Transfer, registry_pid: int | None, work: Any) -> Any:
+    """Await ``work`` and record its wall and CPU seconds in ``transfer``; returns what ``work`` returned."""
+    other = process_cpu_seconds(registry_pid) if registry_pid else 0.0
+    cpu, start = time.process_time(), time.perf_counter()
+    result = await work
+    transfer.seconds.append(time.perf_counter() - start)
+    other = (process_cpu_seconds(registry_pid) - other) if registry_pid else 0.0
+    transfer.cpu_seconds.append(time.process_time() - cpu + other)
+    return result
+
+
+def raw_put(client: Any, bucket: str, key: str, path: Path) -> None:
     from boto3.s3.transfer import TransferConfig
 
-    start = time.perf_counter()
     client.upload_file(str(path), bucket, key, Config=TransferConfig(multipart_threshold=8 << 20))
-    return time.perf_counter() - start
 
 
-def raw_get(client: Any, bucket: str, key: str, expect_sha256: str) -> float:
+def raw_get(client: Any, bucket: str, key: str, expect_sha256: str) -> None:
     """Streamed GET, hashed chunk by chunk (the registry client verifies sha256 too)."""
-    start = time.perf_counter()
     body = client.get_object(Bucket=bucket, Key=key)["Body"]
     digest = hashlib.sha256()
     while chunk := body.read(CHUNK_BYTES):
         digest.update(chunk)
-    elapsed = time.perf_counter() - start
     if digest.hexdigest() != expect_sha256:
         raise SystemExit(f"raw GET of {key} returned different bytes")
-    return elapsed
 
 
-async def registry_put(client: RegistryClient, name: str, config: str, path: Path) -> tuple[float, pb.AdapterVersion]:
-    start = time.perf_counter()
-    version = await client.upload(name, config, path)
-    return time.perf_counter() - start, version
-
-
-async def registry_get(stub: pb_grpc.AdapterRegistryServiceStub, ref: str, expect_sha256: str) -> float:
-    """DownloadAdapterVersion streamed and hashed chunk by chunk (``RegistryClient.download`` joins in memory)."""
-    start = time.perf_counter()
+async def registry_get(stub: pb_grpc.AdapterRegistryServiceStub, ref: str, expect_sha256: str) -> None:
+    """DownloadAdapterVersion streamed and hashed chunk by chunk, dropped like the raw GET's chunks."""
     digest = hashlib.sha256()
     async for message in stub.DownloadAdapterVersion(pb.DownloadAdapterVersionRequest(ref=ref), timeout=3600):
         digest.update(message.chunk)
-    elapsed = time.perf_counter() - start
     if digest.hexdigest() != expect_sha256:
         raise SystemExit(f"registry download of {ref} returned different bytes")
-    return elapsed
+
+
+async def client_get(client: RegistryClient, ref: str, expect_sha256: str) -> None:
+    """``RegistryClient.download``: what the engine's fetcher runs (sha256-checked, the whole adapter in memory)."""
+    downloaded = await client.download(ref)
+    if downloaded.version.weights_sha256 != expect_sha256:
+        raise SystemExit(f"RegistryClient.download of {ref} returned a different version")
 
 
 def sha256_file(path: Path) -> str:
@@ -298,6 +321,7 @@ class Env:
     prefix: str
     address: str
     s3: Any
+    registry_pid: int | None = None
 
 
 async def bench_size(env: Env, size_mb: int, repeats: int) -> dict[str, Transfer]:
@@ -312,7 +336,7 @@ async def bench_size(env: Env, size_mb: int, repeats: int) -> dict[str, Transfer
     print(f"  {size_mb} MB: rank {rank}, {size / MB:.1f} MB file written in {time.perf_counter() - started:.1f} s")
     config = (folder / "adapter_config.json").read_text()
     name = f"bench/io-{size_mb}mb"
-    results = {k: Transfer(size) for k in ("raw_put", "raw_get", "reg_put", "reg_get")}
+    results = {k: Transfer(size) for k in ("raw_put", "raw_get", "reg_put", "reg_get", "client_get")}
     channel = grpc.aio.insecure_channel(env.address, options=CHANNEL_OPTIONS)
     stub = pb_grpc.AdapterRegistryServiceStub(channel)
     async with RegistryClient(env.address, timeout=600) as client:
@@ -322,19 +346,22 @@ async def bench_size(env: Env, size_mb: int, repeats: int) -> dict[str, Transfer
                 perturb(weights, i)
             sha = await asyncio.to_thread(sha256_file, weights)
             raw_key = f"raw/{uuid.uuid4().hex}"
-            results["raw_put"].seconds.append(await asyncio.to_thread(raw_put, env.s3, env.bucket, raw_key, weights))
-            seconds, version = await registry_put(client, name, config, weights)
-            results["reg_put"].seconds.append(seconds)
-            results["raw_get"].seconds.append(await asyncio.to_thread(raw_get, env.s3, env.bucket, raw_key, sha))
-            results["reg_get"].seconds.append(await registry_get(stub, f"{name}@{version.version}", sha))
+            pid = env.registry_pid
+            await measured(results["raw_put"], pid, asyncio.to_thread(raw_put, env.s3, env.bucket, raw_key, weights))
+            version = await measured(results["reg_put"], pid, client.upload(name, config, weights))
+            ref = f"{name}@{version.version}"
+            await measured(results["raw_get"], pid, asyncio.to_thread(raw_get, env.s3, env.bucket, raw_key, sha))
+            await measured(results["reg_get"], pid, registry_get(stub, ref, sha))
+            await measured(results["client_get"], pid, client_get(client, ref, sha))
             # Bound the endpoint's memory (moto keeps objects in RAM): drop both copies of this round.
             await asyncio.to_thread(env.s3.delete_object, Bucket=env.bucket, Key=raw_key)
             blob = f"{env.prefix}/sha256/{version.weights_sha256}"
             await asyncio.to_thread(env.s3.delete_object, Bucket=env.bucket, Key=blob)
             await client.delete_version(name, version.version)
             print(
-                f"    round {i + 1}: put raw {results['raw_put'].seconds[-1]:.2f} s / registry {seconds:.2f} s, "
-                f"get raw {results['raw_get'].seconds[-1]:.2f} s / registry {results['reg_get'].seconds[-1]:.2f} s"
+                f"    round {i + 1}: put raw {results['raw_put'].seconds[-1]:.2f} s / registry "
+                f"{results['reg_put'].seconds[-1]:.2f} s, get raw {results['raw_get'].seconds[-1]:.2f} s / registry "
+                f"{results['reg_get'].seconds[-1]:.2f} s / client.download {results['client_get'].seconds[-1]:.2f} s"
             )
     await channel.close(None)
     shutil.rmtree(folder)
@@ -427,14 +454,24 @@ async def bench_resolve(env: Env, db_url: str, count: int, lookups: int) -> dict
 
 
 def print_io(results: dict[int, dict[str, Transfer]]) -> None:
-    print("\n| size | path | upload MB/s | download MB/s |")
-    print("|---|---|---|---|")
+    """MB/s (median wall) and CPU s/GB (median; endpoint excluded) per path, and the registry/raw ratios."""
+    print("\n| size | path | upload MB/s | upload CPU s/GB | download MB/s | download CPU s/GB |")
+    print("|---|---|---|---|---|---|")
     for size_mb, r in results.items():
-        print(f"| {size_mb} MB | raw boto3 | {r['raw_put'].mb_s:.1f} | {r['raw_get'].mb_s:.1f} |")
-        print(f"| {size_mb} MB | registry (gRPC) | {r['reg_put'].mb_s:.1f} | {r['reg_get'].mb_s:.1f} |")
-        up = r["reg_put"].mb_s / r["raw_put"].mb_s
-        down = r["reg_get"].mb_s / r["raw_get"].mb_s
-        print(f"| {size_mb} MB | **ratio** registry/raw (goal ≥ 0.8) | **{up:.2f}** | **{down:.2f}** |")
+        put, get, cget = r["reg_put"], r["reg_get"], r["client_get"]
+        rows = (("raw boto3", r["raw_put"], r["raw_get"]), ("registry (gRPC stream)", put, get))
+        for label, up_t, down_t in rows:
+            print(
+                f"| {size_mb} MB | {label} | {up_t.mb_s:.1f} | {up_t.cpu_s_per_gb:.2f} | {down_t.mb_s:.1f} | "
+                f"{down_t.cpu_s_per_gb:.2f} |"
+            )
+        print(f"| {size_mb} MB | RegistryClient.download (in memory) | | | {cget.mb_s:.1f} | {cget.cpu_s_per_gb:.2f} |")
+        up = put.mb_s / r["raw_put"].mb_s
+        down, cdown = get.mb_s / r["raw_get"].mb_s, cget.mb_s / r["raw_get"].mb_s
+        print(
+            f"| {size_mb} MB | **ratio** registry/raw (goal ≥ 0.8) | **{up:.2f}** | | **{down:.2f}** "
+            f"(RegistryClient.download {cdown:.2f}) | |"
+        )
 
 
 async def run(args: argparse.Namespace, env_endpoint: str, work: Path) -> dict[str, Any]:
@@ -457,7 +494,7 @@ async def run(args: argparse.Namespace, env_endpoint: str, work: Path) -> dict[s
     else:
         handle = await start_registry(settings)
         port = handle.port
-    env = Env(work, env_endpoint, bucket, prefix, f"127.0.0.1:{port}", s3)
+    env = Env(work, env_endpoint, bucket, prefix, f"127.0.0.1:{port}", s3, proc.pid if proc else None)
     report: dict[str, Any] = {"endpoint": env_endpoint, "moto": not args.s3_endpoint}
     try:
         async with RegistryClient(env.address) as client:
@@ -468,7 +505,10 @@ async def run(args: argparse.Namespace, env_endpoint: str, work: Path) -> dict[s
             io[size_mb] = await bench_size(env, size_mb, args.repeats)
         print_io(io)
         report["io"] = {
-            str(k): {p: {"mb_s": t.mb_s, "seconds": t.seconds, "bytes": t.size_bytes} for p, t in v.items()}
+            str(k): {
+                p: {"mb_s": t.mb_s, "seconds": t.seconds, "cpu_seconds": t.cpu_seconds, "bytes": t.size_bytes}
+                for p, t in v.items()
+            }
             for k, v in io.items()
         }
         if args.adapters > 0:
