@@ -462,3 +462,18 @@ def test_validate_accepts_edges(params: SamplingParams) -> None:
 def test_max_seed_is_usable() -> None:
     p = SamplingParams(temperature=1.0, seed=(1 << 64) - 1)
     assert len(_run(_logits(1), [p]).token_ids) == 1
+
+
+def test_plain_greedy_fast_path_and_skipped_logprobs() -> None:
+    """All-greedy batches with nothing to mask take one argmax: same tokens as the general path (which a banned
+    token forces), first index on ties; ``need_logprobs=False`` leaves logprobs NaN but keeps top_logprobs."""
+    logits = _logits(4, seed=9)
+    logits[2, 5] = logits[2, 7] = logits[2].max() + 1.0  # a tie: the lower id wins, as in argmax
+    params = [SamplingParams(), SamplingParams(), SamplingParams(top_logprobs=3), SamplingParams()]
+    fast = sample(logits, params, [None] * 4, [[]] * 4, need_logprobs=False)
+    general = sample(logits, params, [None] * 4, [[]] * 4, banned=[[], [], [], [int(logits[3].argmin())]])
+    assert fast.token_ids == general.token_ids == logits.argmax(-1).tolist()
+    assert fast.token_ids[2] == 5
+    assert all(math.isnan(v) for v in fast.logprobs)
+    assert fast.top_logprobs[2] == general.top_logprobs[2] and len(fast.top_logprobs[2]) == 3
+    assert fast.top_logprobs[0] == []
