@@ -87,6 +87,7 @@ async def read_ahead(chunks: Iterator[bytes], depth: int = READ_AHEAD_CHUNKS) ->
             yield item
     finally:
         stopped.set()
+        window.release()  # a reader blocked on a full window wakes, sees ``stopped`` and closes the source
         window.release()  # unblock a reader waiting for room so it can see ``stopped`` and exit
 
 

@@ -419,3 +419,26 @@ async def test_download_bad_offsets(
 async def _drain(call: object) -> None:
     async for _ in call:  # type: ignore[attr-defined]
         pass
+
+
+async def test_client_detects_truncated_or_corrupted_blobs(
+    registry: RunningRegistry, tiny_models: dict[str, Path], tiny_adapters: dict[str, dict[str, Path]]
+) -> None:
+    from loraplex.registry.errors import Unavailable
+
+    if not registry.settings.blobs.startswith("file://"):
+        pytest.skip("damages a blob file in place: local folder back end only")
+    await register_models(registry, tiny_models)
+    await registry.client.create_adapter("acme/fragile", "tiny-llama")
+    config, weights = read_adapter(tiny_adapters["llama"]["all-r8"])
+    version = await registry.client.upload("acme/fragile", config, weights)
+    root = Path(registry.settings.blobs.removeprefix("file://"))
+    blob = next(p for p in root.rglob(version.weights_sha256) if p.is_file())
+    blob.write_bytes(weights[:-100])  # the disk lost the tail
+    with pytest.raises(Unavailable) as short:
+        await registry.client.download("acme/fragile")
+    assert short.value.reason == "DOWNLOAD_INCOMPLETE"
+    blob.write_bytes(weights[:-1] + bytes([weights[-1] ^ 0xFF]))  # same size, one byte flipped
+    with pytest.raises(Unavailable) as corrupt:
+        await registry.client.download("acme/fragile")
+    assert corrupt.value.reason == "DOWNLOAD_CORRUPT"
