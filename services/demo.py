@@ -62,6 +62,7 @@ class Answer:
     word: str
     text: str = ""
     digest: str = ""  # the adapter version the engine resolved and applied ("" for the base model)
+    tokens: int = 0  # completion tokens, as the engine counts them (EOS included)
     done: bool = False
 
     @property
@@ -156,6 +157,8 @@ async def stream_one(stub: epb_grpc.EngineServiceStub, item: Answer) -> None:
     async for message in stub.GenerateStream(request):
         if message.HasField("adapter"):
             item.digest = message.adapter.digest
+        if message.HasField("usage"):
+            item.tokens = message.usage.completion_tokens
         item.text += message.text
     item.done = True
 
@@ -217,8 +220,8 @@ def summary(items: Sequence[Answer], seconds: float) -> Group:
         ok = sum(item.ok for item in items if item.column == col)
         style = "green" if acc >= PASS_ACCURACY else "red"
         table.add_row(col.label, col.task, f"{ok}/{words}", Text(f"{acc:.1%}", style=style))
-    tokens = sum(len(item.text) + 1 for item in items)
-    line = Text(f"{len(items)} concurrent requests, ~{tokens} tokens generated in {seconds:.2f} s")
+    tokens = sum(item.tokens for item in items)
+    line = Text(f"{len(items)} concurrent requests, {tokens} tokens generated in {seconds:.2f} s")
     return Group(table, line)
 
 
@@ -232,7 +235,9 @@ async def run_demo(settings: RegistrySettings, root: Path = DEMO_DIR, rebuild: b
     # Synchronous on purpose: nothing else runs yet, and torch's thread setting is per calling thread.
     assets = build_demo(root, console=console, rebuild=rebuild)
     how = "trained" if assets.trained else "cached"
+    checks = "  ".join(f"{task} {score:.0%}" for task, score in assets.validation.items())
     console.print(f"[bold]assets[/] {how} in {assets.seconds:.1f} s: {assets.folder}")
+    console.print(f"  validation at build time: {checks}")
     async with demo_stack(assets, settings, console) as addresses:
         cols = columns(assets)
         view = LiveView(cols, SAMPLE_ROWS)

@@ -9,6 +9,7 @@ take seconds, and a changed recipe must never reuse weights trained by another o
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -16,7 +17,7 @@ import re
 import shutil
 import string
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,10 +25,10 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 # Bump when the training code changes what a recipe produces (the fingerprint covers the recipe's fields only).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 3
 MANIFEST = "manifest.json"
 BUILD_DIR = re.compile(r"[0-9a-f]{12}")
 PAD_ID, EOS_ID = 2, 1
@@ -66,20 +67,28 @@ class Recipe:
 
     base: Task = Task("copy", "copies the word", 300)
     adapters: tuple[Task, ...] = (
-        Task("reverse", "reverses the word", 400),
-        Task("upper", "uppercases it", 200, rank=8),
-        Task("sort", "sorts its letters", 700, lr=4e-3, rank=32),
-        Task("shift", "shifts each letter by one", 200, rank=8),
+        Task("reverse", "reverses the word", 500, lr=4e-3),
+        Task("upper", "uppercases it", 150, lr=4e-3, rank=8),
+        Task("sort", "sorts its letters", 500, lr=4e-3),
+        Task("shift", "shifts each letter by one", 150, lr=4e-3, rank=8),
     )
     batch_size: int = 64
     min_len: int = 3
     max_len: int = 7
     held_out: int = 40
-    repeat_share: float = 0.3
+    validation_words: int = 256
+    validation_target: float = 0.995
+    attempts: int = 3
     seed: int = 0
-    # Not in the fingerprint: threads change speed, not what is learned. One thread, because at these sizes two
-    # threads were measured 1.5x faster on an idle 2-core box but 5-8x slower on a busy one (spin-waiting).
+    # Not in the fingerprint: threads change speed, not what is learned. One thread, because at these sizes a
+    # step is ~45 ms on one core, while two threads were measured 5-8x slower on a busy 2-core box (spin-waiting).
     threads: int = field(default=1, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_len <= self.max_len <= 26 or self.held_out < 1 or self.attempts < 1 or self.threads < 1:
+            raise ValueError(f"inconsistent demo recipe: {self}")
+        if not all(t.steps > 0 and t.rank > 0 and t.lr > 0 for t in (self.base, *self.adapters)):
+            raise ValueError("every demo task needs positive steps, rank and learning rate")
 
     def fingerprint(self) -> str:
         fields = asdict(self)
@@ -99,42 +108,53 @@ class DemoAssets:
     model_dir: Path
     adapters: dict[str, Path]  # task name -> PEFT adapter folder
     held_out: tuple[str, ...]
+    validation: dict[str, float]  # task name -> exact-match share on validation words at build time
     recipe: Recipe
     trained: bool  # False when the cache was used
     seconds: float
 
 
-def random_word(rng: random.Random, recipe: Recipe, letters: str = string.ascii_lowercase) -> str:
-    length = rng.randint(recipe.min_len, recipe.max_len)
-    return "".join(rng.choice(letters) for _ in range(length))
+def random_word(rng: random.Random, recipe: Recipe) -> str:
+    """Lowercase letters, none repeated.
+
+    Why no repeats: a 2-layer model reverses and sorts by finding letters by content; repeated letters make that
+    ambiguous and need position bookkeeping it learns only sometimes (measured: 75-95% held-out accuracy on
+    reverse with repeats, run to run). The demo shows adapters steering one model, not the model's limits.
+    """
+    return "".join(rng.sample(string.ascii_lowercase, rng.randint(recipe.min_len, recipe.max_len)))
 
 
-def held_out_words(recipe: Recipe) -> tuple[str, ...]:
-    """Evaluation words: fixed by the seed, distinct, and never sampled for training."""
-    rng = random.Random(f"held-out-{recipe.seed}")
-    words: list[str] = []
-    while len(words) < recipe.held_out:
-        word = random_word(rng, recipe)
-        if word not in words:
-            words.append(word)
+def evaluation_words(recipe: Recipe) -> tuple[str, ...]:
+    """Held-out words first, validation words after: fixed by the seed, distinct, never sampled for training.
+
+    Why validation words are unseen too: short words are few (26·25·24 of length 3) and training sees most of
+    them, so scoring on seen words flatters a model that memorised rather than learned the task.
+    """
+    rng = random.Random(f"evaluation-{recipe.seed}")
+    words: dict[str, None] = {}
+    while len(words) < recipe.held_out + recipe.validation_words:
+        words.setdefault(random_word(rng, recipe))
     return tuple(words)
 
 
-def training_words(rng: random.Random, recipe: Recipe, count: int, held_out: frozenset[str]) -> list[str]:
-    """Random words, a share of them from only a few letters.
-
-    Why: with mostly distinct letters a model can reverse or sort by finding letters by *content*, which fails on
-    repeats ("fvxv"); words full of repeats make position-based solutions the only ones that fit.
-    """
+def training_words(rng: random.Random, recipe: Recipe, count: int, unseen: frozenset[str]) -> list[str]:
     words: list[str] = []
     while len(words) < count:
-        letters = string.ascii_lowercase
-        if rng.random() < recipe.repeat_share:
-            letters = "".join(rng.sample(string.ascii_lowercase, rng.randint(2, 4)))
-        word = random_word(rng, recipe, letters)
-        if word not in held_out:
+        word = random_word(rng, recipe)
+        if word not in unseen:
             words.append(word)
     return words
+
+
+@dataclass(frozen=True)
+class Session:
+    """What every training run of one build shares."""
+
+    recipe: Recipe
+    tok: Any  # tokenizers.Tokenizer
+    unseen: frozenset[str]  # held-out + validation words: never trained on
+    validation: tuple[str, ...]
+    progress: Progress
 
 
 def make_batch(tok: Any, prompts: Sequence[str], answers: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,65 +175,97 @@ def make_batch(tok: Any, prompts: Sequence[str], answers: Sequence[str]) -> tupl
     return ids, lab
 
 
-def train(
-    model: torch.nn.Module,
-    task: Task,
-    recipe: Recipe,
-    tok: Any,
-    held_out: frozenset[str],
-    progress: Progress,
-) -> float:
-    """AdamW with a one-cycle schedule on fresh random words every step; returns the last loss."""
+def exact_match(model: torch.nn.Module, task: Task, tok: Any, words: Sequence[str]) -> float:
+    """Share of words whose answer + EOS are all the model's argmax under teacher forcing.
+
+    That is exactly "greedy decoding returns the answer and stops", in one batched forward pass.
+    """
+    ids, labels = make_batch(tok, [f"{w}=" for w in words], [answer(task.name, w) for w in words])
+    with torch.no_grad():
+        predicted = model(input_ids=ids).logits[:, :-1].argmax(-1)
+    target = labels[:, 1:]
+    rows_ok = ((predicted == target) | (target == -100)).all(dim=1)
+    return float(rows_ok.float().mean())
+
+
+def train(model: torch.nn.Module, task: Task, session: Session, bar: TaskID, attempt: int) -> None:
+    """AdamW with a one-cycle schedule on fresh random words every step."""
+    recipe = session.recipe
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=task.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=task.lr, total_steps=task.steps, pct_start=0.1)
-    rng = random.Random(f"{task.name}-{recipe.seed}")
-    bar = progress.add_task(f"{task.name:<8} {task.description}", total=task.steps, loss=float("nan"))
+    rng = random.Random(f"{task.name}-{recipe.seed}-{attempt}")
     model.train()
-    loss_value = float("nan")
     for _ in range(task.steps):
-        words = training_words(rng, recipe, recipe.batch_size, held_out)
+        words = training_words(rng, recipe, recipe.batch_size, session.unseen)
         if task.name == "copy":  # uppercase words too, so the base model's head has learned every letter
             words = [w.upper() if rng.random() < 0.5 else w for w in words]
-        ids, labels = make_batch(tok, [f"{w}=" for w in words], [answer(task.name, w) for w in words])
+        ids, labels = make_batch(session.tok, [f"{w}=" for w in words], [answer(task.name, w) for w in words])
         loss = model(input_ids=ids, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # a rare spike otherwise throws a run off for good
         optimizer.step()
         schedule.step()
-        loss_value = float(loss.detach())
-        progress.update(bar, advance=1, loss=loss_value)
+        session.progress.update(bar, advance=1, loss=float(loss.detach()))
     model.eval()
-    return loss_value
 
 
-def train_base(recipe: Recipe, tok: Any, model_dir: Path, held_out: frozenset[str], progress: Progress) -> None:
+def fit(make: Callable[[int], torch.nn.Module], task: Task, session: Session) -> tuple[torch.nn.Module, float]:
+    """Train ``make(attempt)``; when it misses the bar on validation words, start again from another init.
+
+    Why retries: now and then a run settles on a plateau that gets most words right but not all; a fresh start
+    is cheaper and surer than more steps. After the last attempt the best is kept anyway, and the demo's
+    held-out check reports it.
+    """
+    best: tuple[torch.nn.Module, float] | None = None
+    for attempt in range(session.recipe.attempts):
+        label = f"{task.name:<8} {task.description}" + (f" (retry {attempt})" if attempt else "")
+        bar = session.progress.add_task(label, total=task.steps, loss=float("nan"))
+        model = make(attempt)
+        train(model, task, session, bar, attempt)
+        score = exact_match(model, task, session.tok, session.validation)
+        session.progress.update(bar, description=f"{label}  validation {score:.1%}")
+        if best is None or score > best[1]:
+            best = (model, score)
+        if score >= session.recipe.validation_target:
+            break
+    if best is None:  # unreachable: Recipe requires attempts >= 1
+        raise ValueError("no training attempt")
+    return best
+
+
+def train_base(session: Session, model_dir: Path) -> float:
     from transformers import LlamaForCausalLM
 
     from loraplex.services.demo_assets import char_model_config, save_char_tokenizer
 
-    torch.manual_seed(recipe.seed)
-    model = LlamaForCausalLM(char_model_config())
-    train(model, recipe.base, recipe, tok, held_out, progress)
-    model.save_pretrained(str(model_dir), safe_serialization=True)
-    save_char_tokenizer(tok, model_dir)
+    def make(attempt: int) -> torch.nn.Module:
+        torch.manual_seed(session.recipe.seed + 1000 * attempt)
+        return LlamaForCausalLM(char_model_config())
+
+    model, score = fit(make, session.recipe.base, session)
+    model.save_pretrained(str(model_dir), safe_serialization=True)  # type: ignore[operator]
+    save_char_tokenizer(session.tok, model_dir)
+    return score
 
 
-def train_adapter(
-    recipe: Recipe, task: Task, index: int, tok: Any, model_dir: Path, out_dir: Path, held_out: frozenset[str],
-    progress: Progress,
-) -> None:  # fmt: skip
+def train_adapter(session: Session, task: Task, index: int, model_dir: Path, out_dir: Path) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     base = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    torch.manual_seed(recipe.seed + 1 + index)
     config = LoraConfig(
         r=task.rank, lora_alpha=2 * task.rank, target_modules=list(ALL_LINEAR), lora_dropout=0.0, task_type="CAUSAL_LM"
     )
-    model = get_peft_model(base, config)
-    train(model, task, recipe, tok, held_out, progress)
-    model.save_pretrained(str(out_dir))
+
+    def make(attempt: int) -> torch.nn.Module:
+        torch.manual_seed(session.recipe.seed + 1 + index + 1000 * attempt)
+        return get_peft_model(copy.deepcopy(base), config)
+
+    model, score = fit(make, task, session)
+    model.save_pretrained(str(out_dir))  # type: ignore[operator]
+    return score
 
 
 @contextmanager
@@ -234,6 +286,7 @@ def _assets(folder: Path, recipe: Recipe, trained: bool, seconds: float) -> Demo
         model_dir=folder / "model",
         adapters={t.name: folder / "adapters" / t.name for t in recipe.adapters},
         held_out=tuple(manifest["held_out"]),
+        validation=dict(manifest["validation"]),
         recipe=recipe,
         trained=trained,
         seconds=seconds,
@@ -257,9 +310,8 @@ def build_demo(
     from loraplex.services.demo_assets import char_tokenizer
 
     shutil.rmtree(folder, ignore_errors=True)
-    held_out = held_out_words(recipe)
-    excluded = frozenset(held_out)
-    tok = char_tokenizer()
+    words = evaluation_words(recipe)
+    held_out, validation = words[: recipe.held_out], words[recipe.held_out :]
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -268,14 +320,11 @@ def build_demo(
         TimeElapsedColumn(),
     )
     with torch_threads(recipe.threads), Progress(*columns, console=console) as progress:
-        train_base(recipe, tok, folder / "model", excluded, progress)
+        session = Session(recipe, char_tokenizer(), frozenset(words), validation, progress)
+        scores = {recipe.base.name: train_base(session, folder / "model")}
         for i, task in enumerate(recipe.adapters):
-            train_adapter(recipe, task, i, tok, folder / "model", folder / "adapters" / task.name, excluded, progress)
-    manifest = {
-        "recipe": recipe.fingerprint(),
-        "held_out": list(held_out),
-        "adapters": [t.name for t in recipe.adapters],
-    }
+            scores[task.name] = train_adapter(session, task, i, folder / "model", folder / "adapters" / task.name)
+    manifest = {"recipe": recipe.fingerprint(), "held_out": list(held_out), "validation": scores}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     for other in root.iterdir():
         if other != folder and other.is_dir() and BUILD_DIR.fullmatch(other.name) and (other / MANIFEST).is_file():

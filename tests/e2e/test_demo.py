@@ -22,7 +22,7 @@ from rich.console import Console
 from loraplex.registry.client import RegistryClient
 from loraplex.services.demo import PASS_ACCURACY, Answer, Column, accuracy, columns, demo_stack, mixed_batch
 from loraplex.services.demo_assets import char_tokenizer
-from loraplex.services.demo_train import DemoAssets, Recipe, answer, build_demo, held_out_words, training_words
+from loraplex.services.demo_train import DemoAssets, Recipe, answer, build_demo, evaluation_words, training_words
 from loraplex.services.settings import RegistrySettings
 
 
@@ -53,20 +53,22 @@ def test_tasks_have_one_checkable_answer() -> None:
         answer("rot13", "abc")
 
 
-def test_held_out_words_are_never_trained_on() -> None:
+def test_evaluation_words_are_never_trained_on() -> None:
     recipe = Recipe()
-    held = held_out_words(recipe)
-    assert len(held) == len(set(held)) == recipe.held_out
-    assert held == held_out_words(recipe)  # fixed by the seed
-    words = training_words(random.Random(3), recipe, 20_000, frozenset(held))
-    assert not set(words) & set(held)
-    assert all(recipe.min_len <= len(w) <= recipe.max_len and w.islower() for w in words)
-    assert sum(len(set(w)) < len(w) for w in words) > len(words) // 4  # plenty of repeated letters
+    words = evaluation_words(recipe)
+    assert len(words) == len(set(words)) == recipe.held_out + recipe.validation_words
+    assert words == evaluation_words(recipe)  # fixed by the seed
+    trained = training_words(random.Random(3), recipe, 50_000, frozenset(words))
+    assert not set(trained) & set(words)
+    assert all(recipe.min_len <= len(w) <= recipe.max_len and w.islower() and len(set(w)) == len(w) for w in trained)
+    assert {len(w) for w in trained} == set(range(recipe.min_len, recipe.max_len + 1))
 
 
 def test_fingerprint_follows_the_recipe_not_the_thread_count() -> None:
     assert Recipe().fingerprint() == Recipe(threads=2).fingerprint()
     assert Recipe().fingerprint() != Recipe(seed=1).fingerprint()
+    with pytest.raises(ValueError):
+        Recipe(min_len=5, max_len=4)
 
 
 def test_char_tokenizer_encodes_what_the_engine_sends() -> None:
