@@ -48,6 +48,7 @@ class Column:
 
     ref: str
     task: str
+    description: str = ""
 
     @property
     def label(self) -> str:
@@ -75,7 +76,9 @@ class Answer:
 
 
 def columns(assets: DemoAssets) -> list[Column]:
-    return [Column("", assets.recipe.base.name)] + [Column(f"{NAMESPACE}/{t}", t) for t in assets.adapters]
+    base = assets.recipe.base
+    adapters = [Column(f"{NAMESPACE}/{t.name}", t.name, t.description) for t in assets.recipe.adapters]
+    return [Column("", base.name, base.description), *adapters]
 
 
 def base_model_name(model_dir: Path) -> str:
@@ -215,11 +218,11 @@ def _cell(item: Answer) -> Text:
 
 def summary(items: Sequence[Answer], seconds: float) -> Group:
     words = len({item.word for item in items})
-    table = Table("model", "task", "correct", "accuracy", title=f"held-out accuracy ({words} words)")
+    table = Table("model", "what it should do", "correct", "accuracy", title=f"held-out accuracy ({words} words)")
     for col, acc in accuracy(items).items():
         ok = sum(item.ok for item in items if item.column == col)
         style = "green" if acc >= PASS_ACCURACY else "red"
-        table.add_row(col.label, col.task, f"{ok}/{words}", Text(f"{acc:.1%}", style=style))
+        table.add_row(col.label, col.description or col.task, f"{ok}/{words}", Text(f"{acc:.1%}", style=style))
     tokens = sum(item.tokens for item in items)
     line = Text(f"{len(items)} concurrent requests, {tokens} tokens generated in {seconds:.2f} s")
     return Group(table, line)
@@ -237,7 +240,7 @@ async def run_demo(settings: RegistrySettings, root: Path = DEMO_DIR, rebuild: b
     how = "trained" if assets.trained else "cached"
     checks = "  ".join(f"{task} {score:.0%}" for task, score in assets.validation.items())
     console.print(f"[bold]assets[/] {how} in {assets.seconds:.1f} s: {assets.folder}")
-    console.print(f"  validation at build time: {checks}")
+    console.print(f"  validation: {checks}")
     async with demo_stack(assets, settings, console) as addresses:
         cols = columns(assets)
         view = LiveView(cols, SAMPLE_ROWS)

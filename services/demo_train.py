@@ -17,6 +17,7 @@ import re
 import shutil
 import string
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -220,12 +221,12 @@ def fit(make: Callable[[int], torch.nn.Module], task: Task, session: Session) ->
     """
     best: tuple[torch.nn.Module, float] | None = None
     for attempt in range(session.recipe.attempts):
-        label = f"{task.name:<8} {task.description}" + (f" (retry {attempt})" if attempt else "")
-        bar = session.progress.add_task(label, total=task.steps, loss=float("nan"))
+        label = task.name + (f" (retry {attempt})" if attempt else "")
+        bar = session.progress.add_task(label, total=task.steps, loss=float("nan"), check="")
         model = make(attempt)
         train(model, task, session, bar, attempt)
         score = exact_match(model, task, session.tok, session.validation)
-        session.progress.update(bar, description=f"{label}  validation {score:.1%}")
+        session.progress.update(bar, check=f"validation {score:.1%}")
         if best is None or score > best[1]:
             best = (model, score)
         if score >= session.recipe.validation_target:
@@ -269,14 +270,25 @@ def train_adapter(session: Session, task: Task, index: int, model_dir: Path, out
 
 
 @contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Train with ``count`` threads and give the caller (e.g. the engine started next) its setting back."""
+def training_quietly(threads: int) -> Iterator[None]:
+    """``threads`` torch threads, no transformers progress bars or deprecation chatter over ours; then restore.
+
+    The caller (the engine started next) gets its thread setting back.
+    """
+    from transformers.utils import logging as hf_logging
+
     before = torch.get_num_threads()
-    torch.set_num_threads(count)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
     finally:
         torch.set_num_threads(before)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def _assets(folder: Path, recipe: Recipe, trained: bool, seconds: float) -> DemoAssets:
@@ -313,13 +325,14 @@ def build_demo(
     words = evaluation_words(recipe)
     held_out, validation = words[: recipe.held_out], words[recipe.held_out :]
     columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
+        TextColumn("{task.description:<17}"),
+        BarColumn(bar_width=24),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"),
         TimeElapsedColumn(),
+        TextColumn("{task.fields[check]}"),
     )
-    with torch_threads(recipe.threads), Progress(*columns, console=console) as progress:
+    with training_quietly(recipe.threads), Progress(*columns, console=console) as progress:
         session = Session(recipe, char_tokenizer(), frozenset(words), validation, progress)
         scores = {recipe.base.name: train_base(session, folder / "model")}
         for i, task in enumerate(recipe.adapters):
