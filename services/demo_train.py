@@ -90,6 +90,8 @@ class Recipe:
             raise ValueError(f"inconsistent demo recipe: {self}")
         if not all(t.steps > 0 and t.rank > 0 and t.lr > 0 for t in (self.base, *self.adapters)):
             raise ValueError("every demo task needs positive steps, rank and learning rate")
+        for task in (self.base, *self.adapters):
+            answer(task.name, "abc")  # raises ValueError for a task without a checker
 
     def fingerprint(self) -> str:
         fields = asdict(self)

@@ -22,7 +22,7 @@ from rich.console import Console
 from loraplex.registry.client import RegistryClient
 from loraplex.services.demo import PASS_ACCURACY, Answer, Column, accuracy, columns, demo_stack, mixed_batch
 from loraplex.services.demo_assets import char_tokenizer
-from loraplex.services.demo_train import DemoAssets, Recipe, answer, build_demo, evaluation_words, training_words
+from loraplex.services.demo_train import DemoAssets, Recipe, Task, answer, build_demo, evaluation_words, training_words
 from loraplex.services.settings import RegistrySettings
 
 
@@ -69,6 +69,8 @@ def test_fingerprint_follows_the_recipe_not_the_thread_count() -> None:
     assert Recipe().fingerprint() != Recipe(seed=1).fingerprint()
     with pytest.raises(ValueError):
         Recipe(min_len=5, max_len=4)
+    with pytest.raises(ValueError):
+        Recipe(adapters=(Task("rot13", "rotates", 10),))
 
 
 def test_char_tokenizer_encodes_what_the_engine_sends() -> None:
