@@ -1,4 +1,5 @@
-# The two set-up-and-go commands (see README): `make demo` and `make test`. Both install into .venv/ first.
+# The two set-up-and-go commands (see README): `make demo` (train/push/serve the demo adapters, stream a mixed
+# batch) and `make test` (the whole suite, as CI runs it). Both install into .venv/ first.
 .PHONY: setup demo test lint protos docs
 
 setup:
