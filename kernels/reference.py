@@ -6,9 +6,21 @@ rounding). Shapes are given at each contract point.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from loraplex.kernels.types import LoRABatch, LoRAModuleWeights
+
+
+def _active_segments(batch: LoRABatch, w: LoRAModuleWeights) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(slot, physical rank-rows, token indices) of every segment whose slot targets this module."""
+    for g in range(batch.num_segments):
+        s, start, length = batch.segment(g)
+        r = int(w.ranks[s])
+        if r == 0 or length == 0:
+            continue
+        yield s, w.row_table[s, :r].long(), batch.token_order[start : start + length].long()
 
 
 def lora_shrink_ref(x: torch.Tensor, batch: LoRABatch, w: LoRAModuleWeights, y: torch.Tensor) -> None:
@@ -20,14 +32,8 @@ def lora_shrink_ref(x: torch.Tensor, batch: LoRABatch, w: LoRAModuleWeights, y: 
             T_g  = token_order[seg_start[g] : seg_start[g] + seg_len[g]]
             y[T_g, :r] = x[T_g] @ a_rows[rows].T         # x: [T, h_in], a_rows: [P, h_in], y: [T, R]
     """
-    for g in range(batch.num_segments):
-        s, start, length = batch.segment(g)
-        r = int(w.ranks[s])
-        if r == 0 or length == 0:
-            continue
-        rows = w.row_table[s, :r].long()
-        tokens = batch.token_order[start : start + length].long()
-        y[tokens, :r] = (x[tokens].float() @ w.a_rows[rows].float().T).to(y.dtype)
+    for _, rows, tokens in _active_segments(batch, w):
+        y[tokens, : rows.shape[0]] = (x[tokens].float() @ w.a_rows[rows].float().T).to(y.dtype)
 
 
 def lora_expand_ref(
@@ -41,14 +47,8 @@ def lora_expand_ref(
             out[T_g, off : off + h_out] += scales[s] * (y[T_g, :r] @ b_rows[rows])   # b_rows: [P, h_out]
     """
     h_out = w.b_rows.shape[1]
-    for g in range(batch.num_segments):
-        s, start, length = batch.segment(g)
-        r = int(w.ranks[s])
-        if r == 0 or length == 0:
-            continue
-        rows = w.row_table[s, :r].long()
-        tokens = batch.token_order[start : start + length].long()
-        delta = (y[tokens, :r].float() @ w.b_rows[rows].float()) * float(w.scales[s])
+    for s, rows, tokens in _active_segments(batch, w):
+        delta = (y[tokens, : rows.shape[0]].float() @ w.b_rows[rows].float()) * float(w.scales[s])
         out[tokens, out_offset : out_offset + h_out] += delta.to(out.dtype)
 
 
@@ -59,13 +59,7 @@ def lora_embedding_ref(token_ids: torch.Tensor, batch: LoRABatch, w: LoRAModuleW
     shrink step is a column gather instead of a matmul: y[t, j] = a_rows[row_table[s, j], id_t].
     """
     h_out = w.b_rows.shape[1]
-    for g in range(batch.num_segments):
-        s, start, length = batch.segment(g)
-        r = int(w.ranks[s])
-        if r == 0 or length == 0:
-            continue
-        rows = w.row_table[s, :r].long()
-        tokens = batch.token_order[start : start + length].long()
+    for s, rows, tokens in _active_segments(batch, w):
         ids = token_ids[tokens].long()
         y = w.a_rows[rows][:, ids].float().T  # [n, r]
         delta = (y @ w.b_rows[rows].float()) * float(w.scales[s])

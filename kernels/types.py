@@ -53,6 +53,16 @@ class LoRABatch:
             members = [t for t, s in enumerate(token_slots) if s == slot]
             segments.append((slot, len(order), len(members)))
             order.extend(members)
+        return LoRABatch.from_segments(order, segments, device)
+
+    @staticmethod
+    def from_segments(
+        order: list[int],
+        segments: list[tuple[int, int, int]],
+        device: torch.device | str = "cpu",
+        keep_host: bool = True,
+    ) -> LoRABatch:
+        """Build the device tensors from a token order and (slot, start, length) segments."""
 
         def i32(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int32, device=device)
@@ -62,7 +72,7 @@ class LoRABatch:
             seg_start=i32([s[1] for s in segments]),
             seg_len=i32([s[2] for s in segments]),
             seg_slot=i32([s[0] for s in segments]),
-            host_segments=tuple(segments),
+            host_segments=tuple(segments) if keep_host else (),
         )
 
 

@@ -85,16 +85,7 @@ def make_batch(
                 segments.append((slot, i, 1))
     segments += [(slot, len(order), 0) for slot in pad_slots]
 
-    def i32(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32, device=device)
-
-    return LoRABatch(
-        token_order=i32(order),
-        seg_start=i32([s[1] for s in segments]),
-        seg_len=i32([s[2] for s in segments]),
-        seg_slot=i32([s[0] for s in segments]),
-        host_segments=tuple(segments) if keep_host else (),
-    )
+    return LoRABatch.from_segments(order, segments, device, keep_host=keep_host)
 
 
 def make_paged_kv(
