@@ -161,14 +161,20 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         rt = self._rt()
         fetcher = rt.fetcher
         entries = fetcher.entries() if fetcher is not None else []
-        return pb.ListResidentAdaptersResponse(adapters=[self._resident(e) for e in entries])
+        on_device = self._on_device()
+        return pb.ListResidentAdaptersResponse(adapters=[self._resident(e, on_device=on_device) for e in entries])
 
-    def _resident(self, entry: HostEntry, resolved: ResolvedAdapter | None = None) -> pb.ResidentAdapter:
+    def _on_device(self) -> set[str]:
+        """Digests in the device pool (one engine-stats snapshot, taken under the engine's lock)."""
+        return {info.key for info in self._rt().engine.stats().resident_adapters}
+
+    def _resident(
+        self, entry: HostEntry, resolved: ResolvedAdapter | None = None, on_device: set[str] | None = None
+    ) -> pb.ResidentAdapter:
         """Describe a cached adapter; ``resolved`` names it as this caller asked (one digest, many names)."""
         rt = self._rt()
         named = resolved or entry.resolved
-        device = {info.key: info for info in rt.engine.stats().resident_adapters}
-        on_device = device.get(entry.resolved.digest)
+        device = self._on_device() if on_device is None else on_device
         users = rt.engine.core.host.users(entry.resolved.digest)
         wall = time.time() - (time.monotonic() - entry.last_used)
         ts = timestamp_pb2.Timestamp()
@@ -177,7 +183,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             adapter=named.adapter,
             version=named.version,
             digest=entry.resolved.digest,
-            tier=pb.CACHE_TIER_DEVICE if on_device is not None else pb.CACHE_TIER_HOST,
+            tier=pb.CACHE_TIER_DEVICE if entry.resolved.digest in device else pb.CACHE_TIER_HOST,
             size_bytes=entry.nbytes,
             last_used_time=ts,
             pinned=entry.pinned,

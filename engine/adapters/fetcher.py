@@ -235,6 +235,13 @@ class AdapterFetcher:
             self._engine.fail_adapter(resolved.digest, Unavailable(f"loading adapter failed: {exc}"))
             raise
 
+    def _drop_host(self, digest: str) -> None:
+        """Remove ``digest`` from the engine's host tier and this LRU (``FailedPrecondition`` while in use)."""
+        self._engine.remove_adapter(digest)
+        del self._host[digest]
+        self.stats.host_evictions += 1
+        self._event("host", "eviction")
+
     def _make_room(self, needed: int, incoming: str) -> None:
         """Evict least-recently-used, unpinned, unused host adapters until ``needed`` bytes fit."""
         used = sum(e.nbytes for e in self._host.values())
@@ -245,13 +252,10 @@ class AdapterFetcher:
             if entry.pinned or digest == incoming:
                 continue
             try:
-                self._engine.remove_adapter(digest)
+                self._drop_host(digest)
             except FailedPrecondition:
                 continue  # in use by a live request
             used -= entry.nbytes
-            del self._host[digest]
-            self.stats.host_evictions += 1
-            self._event("host", "eviction")
         if used + needed > self._budget:
             raise ResourceExhausted(
                 f"host adapter cache is full ({used} of {self._budget} bytes held by pinned or busy adapters)",
@@ -279,12 +283,9 @@ class AdapterFetcher:
         """Drop an adapter from every tier (``FailedPrecondition`` while requests use it)."""
         if digest not in self._host:
             return False
-        self._engine.remove_adapter(digest)
-        del self._host[digest]
+        self._drop_host(digest)
         if self._disk is not None:
             self._disk.remove(digest)
-        self.stats.host_evictions += 1
-        self._event("host", "eviction")
         for key in [k for k, (r, _) in self._resolved.items() if r.digest == digest]:
             del self._resolved[key]
         return True

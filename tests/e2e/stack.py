@@ -15,7 +15,7 @@ from loraplex.engine.v1 import engine_service_pb2 as epb
 from loraplex.engine.v1 import engine_service_pb2_grpc as epb_grpc
 from loraplex.registry.client import RegistryClient
 from tests.fixtures.hf import read_adapter
-from tests.fixtures.procs import ServerProcess, start_server
+from tests.fixtures.procs import ServerProcess, backend_registry_args, registry_args, start_server
 
 BASE_MODEL = "tiny-llama"
 METRICS_LINE = re.compile(r"metrics on port (\d+)")
@@ -53,11 +53,6 @@ class Stack:
         self.registry.stop()
 
 
-def registry_args(db_url: str, blobs_url: str, s3_endpoint: str | None = None, port: int = 0) -> list[str]:
-    args = ["registry", "serve", "--listen", f"127.0.0.1:{port}", "--db", db_url, "--blobs", blobs_url]
-    return args + (["--s3-endpoint", s3_endpoint] if s3_endpoint else [])
-
-
 def engine_args(model_dir: Path, registry: str | None, *extra: str) -> list[str]:
     args = ["engine", "serve", "--model", str(model_dir), "--base-model", BASE_MODEL, "--listen", "127.0.0.1:0"]
     args += ["--registry", registry] if registry else []
@@ -86,7 +81,7 @@ def start_stack(model_dir: Path, tmp: Path, engine_extra: Sequence[str] = (), ba
     if backend is None:
         reg = start_server(registry_args(f"sqlite:///{tmp}/registry.db", f"file://{tmp}/blobs"))
     else:
-        reg = start_server(registry_args(backend.db_url, backend.blobs_url, backend.s3_endpoint))  # type: ignore[attr-defined]
+        reg = start_server(backend_registry_args(backend))
     asyncio.run(register(reg.address, model_dir))
     eng = start_server(engine_args(model_dir, reg.address, *engine_extra), timeout=180)
     return Stack(registry=reg, engine=eng, model_dir=model_dir)
@@ -128,6 +123,8 @@ async def collect(stub: epb_grpc.EngineServiceStub, request: epb.GenerateStreamR
     return Streamed(ids, "".join(text), finish, adapter, count)
 
 
-def engine_stub(stack: Stack) -> tuple[grpc.aio.Channel, epb_grpc.EngineServiceStub]:
-    channel = grpc.aio.insecure_channel(stack.engine.address)
+def engine_stub(target: Stack | str) -> tuple[grpc.aio.Channel, epb_grpc.EngineServiceStub]:
+    """A channel and stub to a stack's engine, or to an engine address."""
+    address = target if isinstance(target, str) else target.engine.address
+    channel = grpc.aio.insecure_channel(address)
     return channel, epb_grpc.EngineServiceStub(channel)

@@ -40,7 +40,7 @@ def test_registry_outage_keeps_cached_adapters_serving(
         engine = start_server(engine_args(model, registry.address, "--alias-ttl-seconds", "0.5"), timeout=180)
 
         async def scenario_before() -> list[int]:
-            channel, stub = engine_stub_for(engine.address)
+            channel, stub = engine_stub(engine.address)
             async with channel:
                 return (await collect(stub, stream_request("acme/qv-r4", [4, 5, 6]))).token_ids
 
@@ -49,7 +49,7 @@ def test_registry_outage_keeps_cached_adapters_serving(
 
         async def during_outage() -> None:
             await asyncio.sleep(1.0)  # past the alias TTL: the cached resolution is now stale but still usable
-            channel, stub = engine_stub_for(engine.address)
+            channel, stub = engine_stub(engine.address)
             async with channel:
                 again = await collect(stub, stream_request("acme/qv-r4", [4, 5, 6]))
                 assert again.token_ids == warm_tokens
@@ -64,7 +64,7 @@ def test_registry_outage_keeps_cached_adapters_serving(
         registry = start_server([*reg_args[:2], "--listen", f"127.0.0.1:{port}", *reg_args[4:]])
 
         async def after_recovery() -> None:
-            channel, stub = engine_stub_for(engine.address)
+            channel, stub = engine_stub(engine.address)
             async with channel:
                 for _ in range(50):  # the engine's channel reconnects with a short backoff
                     try:
@@ -82,13 +82,6 @@ def test_registry_outage_keeps_cached_adapters_serving(
         if engine is not None:
             engine.stop()
         registry.stop()
-
-
-def engine_stub_for(address: str) -> tuple[grpc.aio.Channel, object]:
-    from loraplex.engine.v1 import engine_service_pb2_grpc as epb_grpc
-
-    channel = grpc.aio.insecure_channel(address)
-    return channel, epb_grpc.EngineServiceStub(channel)
 
 
 def test_postgres_and_s3_backed_stack_matches_peft(

@@ -16,22 +16,15 @@ from loraplex.registry.errors import NotFound, Unavailable
 from loraplex.registry.v1 import registry_service_pb2 as pb
 from loraplex.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from tests.fixtures.hf import read_adapter
-from tests.fixtures.procs import ServerProcess, run_cli, start_server
-
-
-def serve_args(backend: object) -> list[str]:
-    args = ["registry", "serve", "--listen", "127.0.0.1:0", "--db", backend.db_url, "--blobs", backend.blobs_url]  # type: ignore[attr-defined]
-    if backend.s3_endpoint:  # type: ignore[attr-defined]
-        args += ["--s3-endpoint", backend.s3_endpoint]  # type: ignore[attr-defined]
-    return args
+from tests.fixtures.procs import ServerProcess, backend_registry_args, run_cli, start_server
 
 
 def gc_args(backend: object, spool: Path) -> list[str]:
-    return ["registry", "gc", *serve_args(backend)[2:], "--spool-dir", str(spool), "--gc-grace-seconds", "0"]
+    return ["registry", "gc", *backend_registry_args(backend)[2:], "--spool-dir", str(spool), "--gc-grace-seconds", "0"]
 
 
 def start(backend: object, spool: Path, **env: str) -> ServerProcess:
-    return start_server(serve_args(backend), env={"LORAPLEX_SPOOL_DIR": str(spool), **env})
+    return start_server(backend_registry_args(backend), env={"LORAPLEX_SPOOL_DIR": str(spool), **env})
 
 
 def blob_keys(backend: object) -> set[str]:

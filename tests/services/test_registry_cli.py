@@ -11,23 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.procs import ServerProcess, run_cli, start_server
+from tests.fixtures.procs import ServerProcess, backend_registry_args, run_cli, start_server
 
 
 @pytest.fixture
 def registry_proc(registry_backend: object, tmp_path: Path) -> ServerProcess:
-    args = [
-        "registry",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--db",
-        registry_backend.db_url,
-        "--blobs",
-        registry_backend.blobs_url,
-    ]  # type: ignore[attr-defined]
-    if registry_backend.s3_endpoint:  # type: ignore[attr-defined]
-        args += ["--s3-endpoint", registry_backend.s3_endpoint]  # type: ignore[attr-defined]
+    args = backend_registry_args(registry_backend)
     server = start_server(args, env={"LORAPLEX_SPOOL_DIR": str(tmp_path / "spool")})
     yield server  # type: ignore[misc]
     server.stop()
