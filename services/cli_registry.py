@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from loraplex.registry.client import RegistryClient
@@ -40,14 +42,17 @@ def _labels(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _progress(description: str) -> Progress:
+def _print_json_list(messages: Sequence[Message]) -> None:
+    print(json.dumps([MessageToDict(m, preserving_proto_field_name=True) for m in messages], indent=2))
+
+
+def _progress() -> Progress:
     return Progress(
         "[progress.description]{task.description}",
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
         transient=not sys.stderr.isatty(),
-        console=None,
     )
 
 
@@ -104,7 +109,7 @@ async def models_list(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         models = await client.list_base_models()
     if args.json:
-        print(json.dumps([MessageToDict(m, preserving_proto_field_name=True) for m in models], indent=2))
+        _print_json_list(models)
         return 0
     for m in models:
         print(f"{m.name}\t{m.architecture}\tlayers={m.num_hidden_layers}\thidden={m.hidden_size}\tvocab={m.vocab_size}")
@@ -128,7 +133,7 @@ async def adapters_push(args: argparse.Namespace) -> int:
                 ) from None
             await client.create_adapter(args.name, args.base_model, args.description, _labels(args.label))
         size = weights_path.stat().st_size
-        with _progress("push") as progress:
+        with _progress() as progress:
             task = progress.add_task(f"push {args.name}", total=size)
             version = await client.upload(
                 args.name,
@@ -153,7 +158,7 @@ async def adapters_list(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         adapters = await client.list_adapters(args.base_model, args.namespace, _labels(args.label))
     if args.json:
-        print(json.dumps([MessageToDict(a, preserving_proto_field_name=True) for a in adapters], indent=2))
+        _print_json_list(adapters)
         return 0
     for a in adapters:
         latest = a.latest_version if a.HasField("latest_version") else "-"
@@ -179,7 +184,7 @@ async def adapters_show(args: argparse.Namespace) -> int:
 async def adapters_pull(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
     async with _client(args) as client:
-        with _progress("pull") as progress:
+        with _progress() as progress:
             task = progress.add_task(f"pull {args.ref}", total=None)
             result = await client.download(
                 args.ref, on_progress=lambda done, total: progress.update(task, completed=done, total=total)
