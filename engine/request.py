@@ -16,12 +16,18 @@ class FinishReason(enum.Enum):
     CANCELLED = "cancelled"  # abort(), or the consumer went away
 
 
+BASE_TENANT = "base"  # the fair-share tenant of base-model requests
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
-    adapter_key: str | None = None  # the adapter version digest; None = the base model
+    adapter_key: str | None = None  # the adapter version digest (or a mix digest); None = the base model
+    adapter_name: str | None = None  # the reference as the client sent it (metrics, router protocol)
+    tenant: str = BASE_TENANT  # fair-share tenant: the adapter's namespace, or the caller token's tenant
+    priority: int = 0  # higher is admitted first and preempted last
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ class Principal:
     name: str
     namespaces: frozenset[str]
     level: int
+    tenant: str | None = None  # fair-share tenant for the engine's scheduler; None = the adapter's namespace
 
     def can(self, namespace: str, scope: str) -> bool:
         ns_ok = "*" in self.namespaces or namespace in self.namespaces
@@ -102,7 +103,11 @@ class TokenAuthority:
             else:
                 raise InvalidArgument(f"tokens[{i}] needs a 'token' or a 64-hex 'sha256'")
             level = max(SCOPE_LEVEL[s] for s in scopes)
-            entries.append(_Entry(digest, Principal(str(item.get("name", f"token-{i}")), frozenset(namespaces), level)))
+            tenant = item.get("tenant")
+            if tenant is not None and (not isinstance(tenant, str) or not tenant):
+                raise InvalidArgument(f"tokens[{i}].tenant must be a non-empty string when set")
+            name = str(item.get("name", f"token-{i}"))
+            entries.append(_Entry(digest, Principal(name, frozenset(namespaces), level, tenant)))
         return cls(entries)
 
     def authenticate(self, authorization: str | None) -> Principal:

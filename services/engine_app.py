@@ -19,6 +19,7 @@ from loraplex.registry.errors import InvalidArgument
 from loraplex.services.auth import TokenAuthority
 from loraplex.services.engine_metrics import EngineMetrics
 from loraplex.services.engine_servicer import SERVICE_NAME, EngineRuntime, EngineServicer
+from loraplex.services.generation import GenerationFrontend
 from loraplex.services.server import ServerHandle, ServiceBinding, run_until_signal, start_server
 from loraplex.services.settings import EngineSettings
 
@@ -110,7 +111,10 @@ class EngineApp:
         self.metrics.bind_gauges(self._gauges)
         if s.metrics_port is not None:
             self.metrics_port = self.metrics.serve(s.metrics_port, s.metrics_host)
-        self.servicer.runtime = EngineRuntime(engine, self.fetcher, model_info(s, engine, config), self.metrics)
+        frontend = GenerationFrontend(engine, self.fetcher, self.metrics)
+        self.servicer.runtime = EngineRuntime(
+            engine, self.fetcher, model_info(s, engine, config), self.metrics, frontend
+        )
         await self.handle.set_serving(True)
         log.info("engine serving", extra={"port": self.handle.port, "model": s.model})
         return self.handle

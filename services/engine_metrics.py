@@ -13,7 +13,10 @@ class EngineMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("loraplex_requests", "Generation requests by outcome", ["outcome"], registry=r)
+        self.requests = Counter(
+            "loraplex_requests", "Generation requests by door (grpc, http) and final status code", ["door", "code"],
+            registry=r,
+        )
         self.tokens = Counter("loraplex_generated_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram("loraplex_ttft_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r)
         self.itl = Histogram(
@@ -36,6 +39,10 @@ class EngineMetrics:
         self.queue_depth = Gauge("loraplex_queue_depth", "Requests waiting to be scheduled", registry=r)
         self.running = Gauge("loraplex_running_sequences", "Sequences in the running batch", registry=r)
         self.kv_free = Gauge("loraplex_kv_blocks_free", "Free KV-cache blocks", registry=r)
+
+    def count_request(self, door: str, code: str) -> None:
+        """Every request ends here exactly once: OK, or the gRPC status code name it failed with."""
+        self.requests.labels(door, code).inc()
 
     # FetchObserver: the adapter fetcher reports here.
     def on_event(self, tier: str, event: str) -> None:

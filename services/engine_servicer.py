@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +20,9 @@ from google.protobuf import timestamp_pb2
 
 from loraplex.engine.adapters.fetcher import AdapterFetcher, HostEntry, ResolvedAdapter
 from loraplex.engine.engine import LLMEngine
-from loraplex.engine.request import GenerationRequest
 from loraplex.engine.v1 import engine_service_pb2 as pb
 from loraplex.engine.v1 import engine_service_pb2_grpc as pb_grpc
-from loraplex.registry.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from loraplex.registry.errors import FailedPrecondition, InvalidArgument, LoraplexError, NotFound, Unavailable
 from loraplex.services.auth import require_admin, token_var
 from loraplex.services.engine_convert import (
     check_request_id,
@@ -34,9 +32,11 @@ from loraplex.services.engine_convert import (
     tokens_pb,
 )
 from loraplex.services.engine_metrics import EngineMetrics
+from loraplex.services.generation import GenerationFrontend, GenerationInput, Submission
 
 Context = grpc.aio.ServicerContext[Any, Any]
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EngineService"].full_name
+DOOR = "grpc"
 
 
 @dataclass
@@ -47,6 +47,7 @@ class EngineRuntime:
     fetcher: AdapterFetcher | None
     info: pb.GetModelInfoResponse
     metrics: EngineMetrics
+    frontend: GenerationFrontend
 
 
 class EngineServicer(pb_grpc.EngineServiceServicer):
@@ -65,84 +66,57 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         return fetcher
 
     # -- generation --------------------------------------------------------------------------------------
-    async def _submit(
-        self, request: pb.GenerateStreamRequest | pb.GenerateRequest
-    ) -> tuple[str, ResolvedAdapter | None, list[int], AsyncIterator[Any]]:
+    async def _submit(self, request: pb.GenerateStreamRequest | pb.GenerateRequest) -> Submission:
         rt = self._rt()
-        check_request_id(request.request_id)
-        request_id = request.request_id or uuid.uuid4().hex
-        prompt = prompt_token_ids(request, rt.engine.tokenizer)
-        params = sampling_params(request)
-        resolved: ResolvedAdapter | None = None
-        if request.adapter:
-            resolved = await self._fetcher().resolve(request.adapter, token_var.get())
-        stream = rt.engine.generate(
-            GenerationRequest(request_id, prompt, params, resolved.digest if resolved else None)
+        try:
+            check_request_id(request.request_id)
+            prompt = prompt_token_ids(request, rt.engine.tokenizer)
+            params = sampling_params(request)
+        except LoraplexError as exc:
+            rt.metrics.count_request(DOOR, exc.code)
+            raise
+        generation = GenerationInput(
+            prompt_token_ids=prompt,
+            params=params,
+            adapter=request.adapter,
+            request_id=request.request_id,
+            priority=request.priority,
         )
-        if resolved is not None:
-            task = self._fetcher().ensure(resolved, token_var.get())
-            if task is not None:
-                task.add_done_callback(_consume_exception)
-        return request_id, resolved, prompt, stream
+        return await rt.frontend.submit(generation, DOOR)
 
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: Context
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        rt = self._rt()
-        started = time.perf_counter()
-        request_id, resolved, prompt, stream = await self._submit(request)
+        submission = await self._submit(request)
         wants_tokens = request.response.token_ids or request.response.logprobs or request.response.top_logprobs > 0
-        first, last_token_at = True, 0.0
-        outcome = "error"
-        try:
-            async for delta in stream:
-                now = time.perf_counter()
-                if delta.token_ids:
-                    rt.metrics.tokens.inc(len(delta.token_ids))
-                    if last_token_at == 0.0:
-                        rt.metrics.ttft.observe(now - started)
-                    else:
-                        rt.metrics.itl.observe(now - last_token_at)
-                    last_token_at = now
-                message = pb.GenerateStreamResponse(
-                    request_id=request_id,
-                    text=delta.text,
-                    tokens=tokens_pb(delta, wants_tokens),
-                    usage=pb.Usage(
-                        prompt_tokens=delta.usage.prompt_tokens, completion_tokens=delta.usage.completion_tokens
-                    ),
-                    finish_reason=finish_reason_pb(delta.finish_reason),  # type: ignore[arg-type]
-                )
-                if first:
-                    _decorate_first(message, resolved, prompt, request.response.prompt_tokens)
-                    first = False
-                yield message
-            outcome = "ok"
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-            raise
-        finally:
-            rt.metrics.requests.labels(outcome).inc()
+        first = True
+        async for delta in submission.deltas:
+            message = pb.GenerateStreamResponse(
+                request_id=submission.request_id,
+                text=delta.text,
+                tokens=tokens_pb(delta, wants_tokens),
+                usage=pb.Usage(
+                    prompt_tokens=delta.usage.prompt_tokens, completion_tokens=delta.usage.completion_tokens
+                ),
+                finish_reason=finish_reason_pb(delta.finish_reason),  # type: ignore[arg-type]
+            )
+            if first:
+                _decorate_first(message, submission, request.response.prompt_tokens)
+                first = False
+            yield message
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
-        rt = self._rt()
-        request_id, resolved, prompt, stream = await self._submit(request)
+        submission = await self._submit(request)
         wants_tokens = request.response.token_ids or request.response.logprobs or request.response.top_logprobs > 0
-        response = pb.GenerateResponse(request_id=request_id)
-        _decorate_first(response, resolved, prompt, request.response.prompt_tokens)
+        response = pb.GenerateResponse(request_id=submission.request_id)
+        _decorate_first(response, submission, request.response.prompt_tokens)
         texts: list[str] = []
-        outcome = "error"
-        try:
-            async for delta in stream:
-                texts.append(delta.text)
-                response.tokens.extend(tokens_pb(delta, wants_tokens))
-                response.usage.prompt_tokens = delta.usage.prompt_tokens
-                response.usage.completion_tokens = delta.usage.completion_tokens
-                response.finish_reason = finish_reason_pb(delta.finish_reason)  # type: ignore[assignment]
-                rt.metrics.tokens.inc(len(delta.token_ids))
-            outcome = "ok"
-        finally:
-            rt.metrics.requests.labels(outcome).inc()
+        async for delta in submission.deltas:
+            texts.append(delta.text)
+            response.tokens.extend(tokens_pb(delta, wants_tokens))
+            response.usage.prompt_tokens = delta.usage.prompt_tokens
+            response.usage.completion_tokens = delta.usage.completion_tokens
+            response.finish_reason = finish_reason_pb(delta.finish_reason)  # type: ignore[assignment]
         response.text = "".join(texts)
         return response
 
@@ -225,11 +199,9 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
 
 
 def _decorate_first(
-    message: pb.GenerateStreamResponse | pb.GenerateResponse,
-    resolved: ResolvedAdapter | None,
-    prompt: list[int],
-    echo_prompt: bool,
+    message: pb.GenerateStreamResponse | pb.GenerateResponse, submission: Submission, echo_prompt: bool
 ) -> None:
+    resolved = submission.adapter
     if resolved is not None:
         message.adapter.CopyFrom(
             pb.ResolvedAdapter(
@@ -237,10 +209,4 @@ def _decorate_first(
             )
         )
     if echo_prompt:
-        message.prompt_token_ids.extend(prompt)
-
-
-def _consume_exception(task: asyncio.Task[None]) -> None:
-    """The fetch's failure reaches waiting requests through the engine; don't also log it as unretrieved."""
-    if not task.cancelled():
-        task.exception()
+        message.prompt_token_ids.extend(submission.prompt_token_ids)

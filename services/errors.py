@@ -154,3 +154,41 @@ async def _fail(method: str, exc: Exception, context: grpc.aio.ServicerContext[A
 def _is_abort(exc: BaseException) -> bool:
     """``context.abort`` raises an internal exception type; let it pass through untouched."""
     return type(exc).__name__ == "AbortError" or isinstance(exc, grpc.RpcError)
+
+
+# The HTTP door (OpenAI-compatible API) maps the same domain errors by their gRPC code.
+HTTP_STATUS_FOR_CODE: dict[str, int] = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "OUT_OF_RANGE": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "ABORTED": 409,
+    "RESOURCE_EXHAUSTED": 429,
+    "CANCELLED": 499,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+    "INTERNAL": 500,
+}
+_OPENAI_ERROR_TYPE: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    429: "rate_limit_error",
+}
+
+
+def http_error(exc: BaseException, request_id: str, param: str | None = None) -> tuple[int, dict[str, object]]:
+    """(HTTP status, OpenAI error body) for any exception, from the same table as the gRPC statuses.
+
+    ``code`` is the ErrorInfo reason, so HTTP and gRPC clients see the same machine-readable cause.
+    """
+    code, message, reason, meta = describe(exc, request_id)
+    status = HTTP_STATUS_FOR_CODE.get(code.name, 500)
+    error_type = _OPENAI_ERROR_TYPE.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    field = param if param is not None else meta.get("field")
+    return status, {"error": {"message": message, "type": error_type, "param": field, "code": reason}}

@@ -50,6 +50,7 @@ class RegistrySettings:
     max_adapter_bytes: int = opt(4 * GiB, "largest adapter_model.safetensors accepted")
     spool_dir: str | None = opt(None, "where uploads are staged before validation (default: $TMPDIR/loraplex-spool)")
     gc_grace_seconds: float = opt(3600.0, "orphan blobs younger than this are kept by gc")
+    drain_seconds: float = opt(30.0, "on SIGTERM: stop admitting, let in-flight calls finish this long, then end them")
     log_level: str = opt("info", "log level")
 
 
@@ -64,10 +65,17 @@ class EngineSettings:
     )
     registry_token: str | None = opt(None, "token for registry calls when the caller sends none")
     listen: str = opt("127.0.0.1:50051", "address to listen on")
+    http_listen: str = opt(
+        "127.0.0.1:8000", "OpenAI-compatible HTTP API address HOST:PORT, same engine and loop (empty: disabled)"
+    )
     tokens_file: str | None = opt(None, "JSON file of bearer tokens (admin RPCs need the admin scope)")
     insecure: bool = opt(False, "allow listening beyond loopback without tokens")
     device: str = opt("cpu", "cpu or cuda")
     dtype: str = opt("auto", "auto, float32, bfloat16 or float16")
+    quantization: str = opt("none", "base linear weights: none, nf4 or int8 (a quantized checkpoint loads as saved)")
+    lora_backend: str = opt("auto", "LoRA kernels: auto (Triton on CUDA, torch elsewhere), torch or triton")
+    enforce_eager: bool = opt(False, "never capture CUDA graphs for decode steps")
+    merge_adapter: str = opt("", "registry reference of an adapter to fold into the base weights at start")
     max_num_seqs: int = opt(64, "sequences per batch")
     max_num_batched_tokens: int = opt(1024, "tokens per step (prefill chunks + decodes)")
     max_adapters_per_batch: int = opt(16, "distinct adapters per step (device pool slots)")
@@ -80,6 +88,11 @@ class EngineSettings:
     disk_cache_bytes: int = opt(20 * GiB, "disk tier budget (LRU)")
     alias_ttl_seconds: float = opt(5.0, "how long a resolved alias or 'latest' is trusted")
     max_queue: int = opt(1024, "requests in flight before RESOURCE_EXHAUSTED")
+    tenant_weights: str = opt("", "fair-share weights per tenant, e.g. 'acme=2,beta=1' (unlisted tenants: 1)")
+    max_wait_seconds: float = opt(
+        10.0, "a request waiting longer than this is admitted before fairness and adapter-affinity order"
+    )
+    drain_seconds: float = opt(30.0, "on SIGTERM: stop admitting, let running requests finish this long, then end them")
     max_model_len: int | None = opt(None, "context length cap (default: the model's)")
     metrics_port: int | None = opt(None, "serve Prometheus metrics on this port (0 = a free one)")
     metrics_host: str = opt("127.0.0.1", "address the metrics endpoint binds (0.0.0.0 inside a container)")

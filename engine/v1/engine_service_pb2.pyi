@@ -25,6 +25,16 @@ class CacheTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CACHE_TIER_UNSPECIFIED: _ClassVar[CacheTier]
     CACHE_TIER_DEVICE: _ClassVar[CacheTier]
     CACHE_TIER_HOST: _ClassVar[CacheTier]
+    CACHE_TIER_DISK: _ClassVar[CacheTier]
+
+class MixMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MIX_METHOD_UNSPECIFIED: _ClassVar[MixMethod]
+    MIX_METHOD_CAT: _ClassVar[MixMethod]
+    MIX_METHOD_LINEAR: _ClassVar[MixMethod]
+    MIX_METHOD_TIES: _ClassVar[MixMethod]
+    MIX_METHOD_DARE_LINEAR: _ClassVar[MixMethod]
+    MIX_METHOD_DARE_TIES: _ClassVar[MixMethod]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP_SEQUENCE: FinishReason
 FINISH_REASON_EOS_TOKEN: FinishReason
@@ -34,6 +44,31 @@ FINISH_REASON_CANCELLED: FinishReason
 CACHE_TIER_UNSPECIFIED: CacheTier
 CACHE_TIER_DEVICE: CacheTier
 CACHE_TIER_HOST: CacheTier
+CACHE_TIER_DISK: CacheTier
+MIX_METHOD_UNSPECIFIED: MixMethod
+MIX_METHOD_CAT: MixMethod
+MIX_METHOD_LINEAR: MixMethod
+MIX_METHOD_TIES: MixMethod
+MIX_METHOD_DARE_LINEAR: MixMethod
+MIX_METHOD_DARE_TIES: MixMethod
+
+class WeightedAdapter(_message.Message):
+    __slots__ = ("adapter", "weight")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    weight: float
+    def __init__(self, adapter: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class AdapterMix(_message.Message):
+    __slots__ = ("adapters", "method", "density")
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedCompositeFieldContainer[WeightedAdapter]
+    method: MixMethod
+    density: float
+    def __init__(self, adapters: _Optional[_Iterable[_Union[WeightedAdapter, _Mapping]]] = ..., method: _Optional[_Union[MixMethod, str]] = ..., density: _Optional[float] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -126,7 +161,7 @@ class ResolvedAdapter(_message.Message):
     def __init__(self, ref: _Optional[str] = ..., adapter: _Optional[str] = ..., version: _Optional[int] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class GenerateStreamRequest(_message.Message):
-    __slots__ = ("request_id", "adapter", "text", "token_ids", "sampling", "stopping", "response")
+    __slots__ = ("request_id", "adapter", "text", "token_ids", "sampling", "stopping", "response", "mix", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +169,8 @@ class GenerateStreamRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    MIX_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter: str
     text: str
@@ -141,7 +178,9 @@ class GenerateStreamRequest(_message.Message):
     sampling: SamplingParams
     stopping: StoppingCriteria
     response: ResponseOptions
-    def __init__(self, request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ...) -> None: ...
+    mix: AdapterMix
+    priority: int
+    def __init__(self, request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., mix: _Optional[_Union[AdapterMix, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
     __slots__ = ("request_id", "text", "tokens", "usage", "finish_reason", "adapter", "prompt_token_ids")
@@ -162,7 +201,7 @@ class GenerateStreamResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., adapter: _Optional[_Union[ResolvedAdapter, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "adapter", "text", "token_ids", "sampling", "stopping", "response")
+    __slots__ = ("request_id", "adapter", "text", "token_ids", "sampling", "stopping", "response", "mix", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +209,8 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    MIX_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     adapter: str
     text: str
@@ -177,7 +218,9 @@ class GenerateRequest(_message.Message):
     sampling: SamplingParams
     stopping: StoppingCriteria
     response: ResponseOptions
-    def __init__(self, request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ...) -> None: ...
+    mix: AdapterMix
+    priority: int
+    def __init__(self, request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., mix: _Optional[_Union[AdapterMix, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "tokens", "usage", "finish_reason", "adapter", "prompt_token_ids")
@@ -218,7 +261,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("base_model", "architecture", "max_context_length", "max_lora_rank", "vocab_size", "device", "dtype", "device_adapter_capacity_bytes", "host_adapter_capacity_bytes", "max_adapters_per_batch", "kv_cache_blocks", "kv_block_size")
+    __slots__ = ("base_model", "architecture", "max_context_length", "max_lora_rank", "vocab_size", "device", "dtype", "device_adapter_capacity_bytes", "host_adapter_capacity_bytes", "max_adapters_per_batch", "kv_cache_blocks", "kv_block_size", "quantization", "merged_adapter")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +274,8 @@ class GetModelInfoResponse(_message.Message):
     MAX_ADAPTERS_PER_BATCH_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    MERGED_ADAPTER_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     architecture: str
     max_context_length: int
@@ -243,7 +288,9 @@ class GetModelInfoResponse(_message.Message):
     max_adapters_per_batch: int
     kv_cache_blocks: int
     kv_block_size: int
-    def __init__(self, base_model: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context_length: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., device_adapter_capacity_bytes: _Optional[int] = ..., host_adapter_capacity_bytes: _Optional[int] = ..., max_adapters_per_batch: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ...) -> None: ...
+    quantization: str
+    merged_adapter: ResolvedAdapter
+    def __init__(self, base_model: _Optional[str] = ..., architecture: _Optional[str] = ..., max_context_length: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., vocab_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., device_adapter_capacity_bytes: _Optional[int] = ..., host_adapter_capacity_bytes: _Optional[int] = ..., max_adapters_per_batch: _Optional[int] = ..., kv_cache_blocks: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., quantization: _Optional[str] = ..., merged_adapter: _Optional[_Union[ResolvedAdapter, _Mapping]] = ...) -> None: ...
 
 class ResidentAdapter(_message.Message):
     __slots__ = ("adapter", "version", "digest", "tier", "size_bytes", "last_used_time", "pinned", "active_requests", "rank")
@@ -314,3 +361,25 @@ class PinAdapterResponse(_message.Message):
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     adapter: ResidentAdapter
     def __init__(self, adapter: _Optional[_Union[ResidentAdapter, _Mapping]] = ...) -> None: ...
+
+class MergeAdapterRequest(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    def __init__(self, adapter: _Optional[str] = ...) -> None: ...
+
+class MergeAdapterResponse(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: ResolvedAdapter
+    def __init__(self, adapter: _Optional[_Union[ResolvedAdapter, _Mapping]] = ...) -> None: ...
+
+class UnmergeAdapterRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UnmergeAdapterResponse(_message.Message):
+    __slots__ = ("adapter",)
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    adapter: ResolvedAdapter
+    def __init__(self, adapter: _Optional[_Union[ResolvedAdapter, _Mapping]] = ...) -> None: ...

@@ -78,6 +78,16 @@ class EngineServiceStub:
                 request_serializer=loraplex_dot_engine_dot_v1_dot_engine__service__pb2.PinAdapterRequest.SerializeToString,
                 response_deserializer=loraplex_dot_engine_dot_v1_dot_engine__service__pb2.PinAdapterResponse.FromString,
                 _registered_method=True)
+        self.MergeAdapter = channel.unary_unary(
+                '/loraplex.engine.v1.EngineService/MergeAdapter',
+                request_serializer=loraplex_dot_engine_dot_v1_dot_engine__service__pb2.MergeAdapterRequest.SerializeToString,
+                response_deserializer=loraplex_dot_engine_dot_v1_dot_engine__service__pb2.MergeAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnmergeAdapter = channel.unary_unary(
+                '/loraplex.engine.v1.EngineService/UnmergeAdapter',
+                request_serializer=loraplex_dot_engine_dot_v1_dot_engine__service__pb2.UnmergeAdapterRequest.SerializeToString,
+                response_deserializer=loraplex_dot_engine_dot_v1_dot_engine__service__pb2.UnmergeAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServiceServicer:
@@ -144,6 +154,21 @@ class EngineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeAdapter(self, request, context):
+        """Folds one adapter into the base weights so its requests do no LoRA work; every other request stays exact
+        (admin scope). At most one adapter is merged at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnmergeAdapter(self, request, context):
+        """Restores the original base weights bit-exactly (admin scope).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +211,16 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.PinAdapter,
                     request_deserializer=loraplex_dot_engine_dot_v1_dot_engine__service__pb2.PinAdapterRequest.FromString,
                     response_serializer=loraplex_dot_engine_dot_v1_dot_engine__service__pb2.PinAdapterResponse.SerializeToString,
+            ),
+            'MergeAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeAdapter,
+                    request_deserializer=loraplex_dot_engine_dot_v1_dot_engine__service__pb2.MergeAdapterRequest.FromString,
+                    response_serializer=loraplex_dot_engine_dot_v1_dot_engine__service__pb2.MergeAdapterResponse.SerializeToString,
+            ),
+            'UnmergeAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnmergeAdapter,
+                    request_deserializer=loraplex_dot_engine_dot_v1_dot_engine__service__pb2.UnmergeAdapterRequest.FromString,
+                    response_serializer=loraplex_dot_engine_dot_v1_dot_engine__service__pb2.UnmergeAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -408,6 +443,60 @@ class EngineService:
             '/loraplex.engine.v1.EngineService/PinAdapter',
             loraplex_dot_engine_dot_v1_dot_engine__service__pb2.PinAdapterRequest.SerializeToString,
             loraplex_dot_engine_dot_v1_dot_engine__service__pb2.PinAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.engine.v1.EngineService/MergeAdapter',
+            loraplex_dot_engine_dot_v1_dot_engine__service__pb2.MergeAdapterRequest.SerializeToString,
+            loraplex_dot_engine_dot_v1_dot_engine__service__pb2.MergeAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnmergeAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.engine.v1.EngineService/UnmergeAdapter',
+            loraplex_dot_engine_dot_v1_dot_engine__service__pb2.UnmergeAdapterRequest.SerializeToString,
+            loraplex_dot_engine_dot_v1_dot_engine__service__pb2.UnmergeAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
