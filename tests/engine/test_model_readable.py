@@ -43,7 +43,7 @@ def _fails_as_another_user(call: Callable[[], object]) -> str:
             message = ""
         except ModelLoadError as exc:
             message = str(exc.message)
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which fails the test
+        except BaseException as exc:  # reported to the parent, which fails the test
             message = f"unexpected {type(exc).__name__}: {exc}"
         finally:
             os.write(write_end, message.encode())
@@ -99,10 +99,10 @@ def test_load_model_checks_readability_first(shared_model: Path) -> None:
 
 
 def test_missing_and_empty_folders_say_what_to_set(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="does not exist .*LORAPLEX_MODEL_DIR"):
+    with pytest.raises(ModelLoadError, match=r"does not exist .*LORAPLEX_MODEL_DIR"):
         check_model_folder_readable(tmp_path / "absent")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="is empty .*LORAPLEX_MODEL_DIR"):
+    with pytest.raises(ModelLoadError, match=r"is empty .*LORAPLEX_MODEL_DIR"):
         load_model(tmp_path / "empty", "float32", torch.device("cpu"), None)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ModelLoadError, match="is not a folder"):
