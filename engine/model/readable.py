@@ -45,7 +45,8 @@ def check_model_folder_readable(model_dir: Path) -> None:
         ) from None
     if not entries and not any(model_dir.iterdir()):
         raise ModelLoadError(
-            f"model folder {model_dir} is empty (in compose: LORAPLEX_MODEL_DIR must name the host folder of the model)"
+            f"model folder {model_dir} is empty, config.json not found "
+            "(in compose: LORAPLEX_MODEL_DIR must name the host folder of the model)"
         )
     unreadable = []
     for path in entries:

@@ -102,7 +102,7 @@ def test_missing_and_empty_folders_say_what_to_set(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"does not exist .*LORAPLEX_MODEL_DIR"):
         check_model_folder_readable(tmp_path / "absent")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match=r"is empty .*LORAPLEX_MODEL_DIR"):
+    with pytest.raises(ModelLoadError, match=r"is empty, config\.json not found .*LORAPLEX_MODEL_DIR"):
         load_model(tmp_path / "empty", "float32", torch.device("cpu"), None)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ModelLoadError, match="is not a folder"):
