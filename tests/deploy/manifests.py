@@ -136,7 +136,7 @@ def port_number(c: dict[str, Any], name: str) -> int:
 
 def volume(workload: Manifest, name: str) -> dict[str, Any]:
     (found,) = [v for v in pod_spec(workload).get("volumes", []) if v["name"] == name]
-    return found
+    return dict(found)
 
 
 def mount_for(workload: Manifest, c: dict[str, Any], path: str) -> tuple[dict[str, Any], dict[str, Any]]:

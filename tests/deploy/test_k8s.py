@@ -108,9 +108,10 @@ def loraplex_containers(docs: list[Manifest]) -> list[tuple[Manifest, dict[str, 
 
 def parse_args(args: list[str]) -> argparse.Namespace:
     try:
-        return build_parser().parse_args(args)
+        parsed: argparse.Namespace = build_parser().parse_args(args)
     except SystemExit as exc:
         raise AssertionError(f"the loraplex CLI rejects args {args}") from exc
+    return parsed
 
 
 def cli_settings(docs: list[Manifest], c: dict[str, Any]) -> Any:
