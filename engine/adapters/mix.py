@@ -21,10 +21,12 @@ Deliberate differences from PEFT, all documented where they are made:
   any device and in any module order. PEFT draws from torch's global generator.
 - Everything is computed in float32 and returned in float32 (the pool casts to the serving dtype).
 - Weights and density are rounded to float32 (the proto's type) so gRPC and JSON callers share cache entries.
+- LINEAR checks ranks per module (what the sums need); PEFT compares each config's r / rank_pattern maximum.
 
 Cost for the integration: CAT/LINEAR are cheap (copies of the members' rows); the SVD methods materialise one
-dense [h_out, h_in] delta per member and module and run a full SVD of it (seconds per mix on a 7B model on
-CPU) — compute once per distinct ``Mix.digest`` and cache.
+dense [h_out, h_in] delta per member and module and run a full SVD of it — O(h³) per module: measured 14 s for
+1024² and 87 s for 2048² on a shared 2-core CPU, so a 7B model's 224 modules are hours on CPU. Run them where
+the tensors can live on the GPU, off the step thread, once per distinct ``Mix.digest``, and cache the result.
 """
 
 from __future__ import annotations
