@@ -229,10 +229,12 @@ def _linear(loras: list[tuple[ModuleLoRA, float]]) -> ModuleLoRA:
     """PEFT ``linear``: √|wᵢsᵢ| on both factors, the sign on A only (so negative weights subtract)."""
     roots = [math.sqrt(abs(w * lo.scale)) for lo, w in loras]
     signs = [1.0 if w * lo.scale >= 0 else -1.0 for lo, w in loras]
-    wa = torch.tensor([r * s for r, s in zip(roots, signs, strict=True)])
-    wb = torch.tensor(roots)
-    a = (torch.stack([lo.a.float() for lo, _ in loras]) * wa.view(-1, 1, 1)).sum(dim=0)
-    b = (torch.stack([lo.b.float() for lo, _ in loras]) * wb.view(-1, 1, 1)).sum(dim=0)
+    a_stack = torch.stack([lo.a.float() for lo, _ in loras])  # [n, r, h_in]
+    b_stack = torch.stack([lo.b.float() for lo, _ in loras])  # [n, h_out, r]
+    wa = torch.tensor([r * s for r, s in zip(roots, signs, strict=True)], device=a_stack.device)
+    wb = torch.tensor(roots, device=b_stack.device)
+    a = (a_stack * wa.view(-1, 1, 1)).sum(dim=0)
+    b = (b_stack * wb.view(-1, 1, 1)).sum(dim=0)
     return ModuleLoRA(a, b, 1.0)
 
 
