@@ -129,10 +129,10 @@ class AdapterResidency:
         victims = self._host_victims(adapter.nbytes)
         for victim in victims:
             self._drop(victim)
+        self.pool.stage(key, adapter)  # a load failure raises here, before anything below changed
         self._host[key] = _HostEntry(adapter, info or AdapterInfo(rank=adapter.rank), adapter.nbytes, self._clock())
         self.version += 1
         self.host_version += 1
-        self.pool.stage(key, adapter)
         return victims
 
     def _host_victims(self, needed: int) -> list[str]:
