@@ -200,6 +200,15 @@ class AdapterResidency:
         adapter = self.get(key)
         return adapter is not None and self.pool.can_acquire(key, adapter)
 
+    def stage(self, key: str) -> bool:
+        """Copy a host-resident adapter into free device rows ahead of its admission (never evicting)."""
+        entry = self._host.get(key)
+        if entry is None:
+            return False
+        staged = self.pool.stage(key, entry.adapter)
+        self.version += 1
+        return staged
+
     def acquire(self, key: str) -> int:
         """A device slot for a running sequence (loading and evicting as needed); typed errors on failure."""
         entry = self._host.get(key)

@@ -177,3 +177,20 @@ def test_poisoned_adapter_is_refused_when_staged(
         core.residency.add("bad", bad)
     assert not core.residency.has("bad") and core.pool.residents() == []
     assert len(core.pool._free_slots) == core.pool.num_slots
+
+
+def test_waiting_requests_adapters_are_staged_ahead(
+    tiny_models: dict[str, Path], tiny_adapters: dict[str, dict[str, Path]]
+) -> None:
+    """With the batch full (max_num_seqs), the next waiting request's adapter is copied to free device rows."""
+    zoo = tiny_adapters[ARCH]
+    core = make_core(tiny_models[ARCH], {"first": zoo["qv-r4"]}, max_adapters_per_step=1, max_num_seqs=1)
+    core.residency.add("next", HostAdapter.from_peft_dir(zoo["mlp-r32"], core.loaded.spec, 64))
+    assert [r.key for r in core.pool.residents()] == ["first"]  # no free slot when "next" arrived
+    assert core.residency.remove("first")  # the slot frees up
+    core.add_request(request("busy", [5, 6, 7], None, max_new_tokens=20, ignore_eos=True))
+    core.step()  # "busy" takes the only batch place
+    core.add_request(request("queued", [5, 6], "next", max_new_tokens=2))
+    core.step()
+    assert core.scheduler.waiting and [r.key for r in core.pool.residents()] == ["next"]
+    assert core.pool.refcount("next") == 0, "staged, not yet referenced"
