@@ -13,6 +13,7 @@ from loraplex.registry.errors import InvalidArgument
 
 _DEVICES = ("cpu", "cuda")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_QUANTIZATIONS = ("none", "nf4", "int8")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class EngineConfig:
     max_queue: int = 1024
     max_model_len: int | None = None
     lora_embeddings: bool = True
+    # base projections: "nf4" / "int8" quantize an unquantized checkpoint at load; a checkpoint saved quantized
+    # by transformers + bitsandbytes loads as saved with "none" (or its own method)
+    quantization: str = "none"
 
     def validate(self) -> None:
         """Raise ``InvalidArgument`` naming the first bad field."""
@@ -47,6 +51,8 @@ class EngineConfig:
             raise InvalidArgument(f"device must be one of {_DEVICES}, got {self.device!r}")
         if self.dtype not in _DTYPES:
             raise InvalidArgument(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.quantization not in _QUANTIZATIONS:
+            raise InvalidArgument(f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}")
         positive = {
             "block_size": self.block_size,
             "max_num_seqs": self.max_num_seqs,
