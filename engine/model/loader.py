@@ -42,8 +42,8 @@ def resolve_dtype(requested: str, args: ModelArgs) -> torch.dtype:
 
 def projection_names(args: ModelArgs) -> list[str]:
     """The checkpoint names of the linear weights a quantized base stores packed (7 per layer)."""
-    modules = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-    modules += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    attention = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    modules = (*attention, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
     return [f"model.layers.{i}.{m}.weight" for i in range(args.num_layers) for m in modules]
 
 

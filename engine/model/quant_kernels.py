@@ -148,7 +148,8 @@ def _int8_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
         mask_k = k < K
-        cb = tl.load(cb_ptr + rn[:, None].to(tl.int64) * K + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0)
+        cb_ptrs = cb_ptr + rn[:, None].to(tl.int64) * K + k[None, :]
+        cb = tl.load(cb_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
         w = (cb.to(tl.float32) * row_scale[:, None]).to(W_DTYPE).to(DOT_DTYPE)  # [BLOCK_N, BLOCK_K]
         x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w), acc, input_precision=PRECISION)

@@ -54,23 +54,22 @@ class NF4Part(QuantPart):
         self.packed: torch.Tensor
         self.absmax: torch.Tensor
         self.code: torch.Tensor
-        self.pairs: torch.Tensor
         self.register_buffer("packed", t.packed.reshape(-1).contiguous())
         self.register_buffer("absmax", t.absmax.reshape(-1).contiguous())
         self.register_buffer("code", t.code.float().contiguous())
-        self.register_buffer("pairs", byte_pairs(self.code))
         self.absmax2: torch.Tensor | None
         self.code2: torch.Tensor | None
         self.offset: torch.Tensor | None
         nested = t.absmax2 is not None and t.code2 is not None and t.offset is not None
-        self.register_buffer("absmax2", t.absmax2.reshape(-1).float().contiguous() if nested else None)
+        self.register_buffer("absmax2", t.absmax2.reshape(-1).float() if nested and t.absmax2 is not None else None)
         self.register_buffer("code2", t.code2.float().contiguous() if nested and t.code2 is not None else None)
         self.register_buffer("offset", t.offset.reshape(1).float() if nested and t.offset is not None else None)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         scales = block_scales(self.absmax, self.absmax2, self.offset, self.code2, self.nested_blocksize)
         shape = (self.out_features, self.in_features)
-        return dequantize_nf4(self.packed, scales, self.pairs, shape, self.blocksize, self.source_dtype, dtype)
+        pairs = byte_pairs(self.code)  # [256, 2]: rebuilt per call (256 values) rather than stored per part
+        return dequantize_nf4(self.packed, scales, pairs, shape, self.blocksize, self.source_dtype, dtype)
 
     def matmul_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
         from loraplex.engine.model.quant_kernels import nf4_matmul

@@ -138,7 +138,9 @@ class NF4Tensors:
         )
 
 
-def quantize_nf4(weight: torch.Tensor, blocksize: int = BLOCKSIZE, nested_blocksize: int = NESTED_BLOCKSIZE) -> NF4Tensors:
+def quantize_nf4(
+    weight: torch.Tensor, blocksize: int = BLOCKSIZE, nested_blocksize: int = NESTED_BLOCKSIZE
+) -> NF4Tensors:
     """Quantize a [N, K] weight to NF4 with double quantization, on the weight's device."""
     n_out, n_in = weight.shape
     device = weight.device
