@@ -48,7 +48,7 @@ def _precision(dtype: torch.dtype) -> str | None:
 def _tiles(m: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K): small M (decode) takes the narrowest M tile tl.dot accepts."""
     if m <= 16:
-        return 16, 64, 128
+        return 16, 32, 128  # narrow N tiles: more programs to cover the SMs when M is tiny
     if m <= 64:
         return 64, 64, 64
     return 128, 64, 64

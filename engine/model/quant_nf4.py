@@ -96,6 +96,13 @@ def _block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     return padded.view(-1, blocksize).amax(dim=1)
 
 
+def _times_block(flat: torch.Tensor, per_block: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """flat[i] * per_block[i // blocksize], broadcasting when the blocks are whole (no per-element copy)."""
+    if flat.numel() % blocksize == 0:
+        return (flat.view(-1, blocksize) * per_block[:, None]).view(-1)
+    return flat * _per_element(per_block, blocksize)[: flat.numel()]
+
+
 def _per_element(values: torch.Tensor, blocksize: int) -> torch.Tensor:
     """Expand one value per block to one per element (the last block may be partial: caller slices)."""
     return values.repeat_interleave(blocksize)
@@ -146,8 +153,7 @@ def quantize_nf4(
     device = weight.device
     flat = weight.reshape(-1).float()
     absmax = _block_absmax(flat, blocksize)
-    scale = _per_element(1.0 / absmax.clamp(min=1e-38), blocksize)[: flat.numel()]
-    scaled = torch.clamp(flat * scale, -1.0, 1.0)
+    scaled = torch.clamp(_times_block(flat, 1.0 / absmax.clamp(min=1e-38), blocksize), -1.0, 1.0)
     code = nf4_code(device)
     idx = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
     if idx.numel() % 2:
@@ -159,7 +165,7 @@ def quantize_nf4(
     absmax2 = _block_absmax(centred, nested_blocksize)
     # bitsandbytes multiplies by the fp32 reciprocal; a run of equal scales (absmax2 = 0) stores index 0.
     inverse = torch.where(absmax2 == 0, torch.zeros_like(absmax2), 1.0 / absmax2)
-    normed = centred * _per_element(inverse, nested_blocksize)[: centred.numel()]
+    normed = _times_block(centred, inverse, nested_blocksize)
     code2 = dynamic_map(device)
     qabsmax = _nearest_by_lut(normed, code2)
     zero_runs = _per_element(absmax2 == 0, nested_blocksize)[: centred.numel()]
@@ -188,8 +194,7 @@ def block_scales(
     """fp32 scale per 64-block: the stored fp32 absmax, or its double-quantized form expanded."""
     if absmax2 is None or offset is None or code2 is None:
         return absmax.float()
-    per_block = _per_element(absmax2, nested_blocksize)[: absmax.numel()]
-    return code2[absmax.long()] * per_block + offset
+    return _times_block(code2[absmax.long()], absmax2, nested_blocksize) + offset
 
 
 def dequantize_nf4(

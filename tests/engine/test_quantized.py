@@ -324,3 +324,39 @@ def test_weight_bytes_shrink_by_the_packed_projections(tiny_models: dict[str, Pa
     rows = (args.num_heads + 2 * args.num_kv_heads) * args.head_dim + args.hidden_size  # q|k|v, o
     rows = args.num_layers * (rows + 2 * args.intermediate_size + args.hidden_size)  # + gate|up, down
     assert dense.weight_bytes - int8.weight_bytes == 2 * projection_params - (projection_params + 4 * rows)
+
+
+def test_checkpoint_with_a_skipped_module_fuses_dense_and_packed_parts(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """``llm_int8_skip_modules=["k_proj"]`` leaves k dense between packed q and v: the fused qkv mixes both."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from loraplex.engine.model.quant_linear import DensePart
+
+    cfg = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+        llm_int8_skip_modules=["lm_head", "k_proj"],
+    )
+    source = tiny_models["llama"]
+    hf: Any = AutoModelForCausalLM.from_pretrained(str(source), quantization_config=cfg, dtype=torch.float32)
+    hf.save_pretrained(str(tmp_path / "m"))
+    shutil.copy(source / "tokenizer.json", tmp_path / "m" / "tokenizer.json")
+    for module in hf.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    loaded = load_model(tmp_path / "m", "float32", torch.device("cpu"), None)
+    qkv = loaded.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, QuantizedLinear)
+    assert [type(p).__name__ for p in qkv.parts] == ["NF4Part", "DensePart", "NF4Part"]
+    assert isinstance(qkv.parts[1], DensePart)
+    prompt = prompts(1, 8, seed=4)[0]
+    with torch.no_grad():
+        want = hf.eval()(torch.tensor([prompt])).logits[0, -1]
+    core = EngineCore(EngineConfig(model_dir=tmp_path / "m", dtype="float32", block_size=4), loaded, HostTier())
+    _, logits = drive(core, [request("r", prompt, None, max_new_tokens=1)], record_logits=True)
+    torch.testing.assert_close(logits[0]["r"], want, atol=1e-4, rtol=0)
