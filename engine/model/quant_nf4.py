@@ -10,13 +10,15 @@ The format (the layout transformers saves, so a saved checkpoint loads without c
 
     W [N, K] is flattened row-major and cut into blocks of ``blocksize`` (64) consecutive values
     a[b]      = max |w| over block b                                    (fp32)
-    idx[i]    = bucketize(w[i] / a[b], midpoints of the NF4 table)    (nearest NF4 code, ties to the lower one)
+    idx[i]    = bucketize(w[i] · (1 / a[b]), midpoints of the NF4 table)   (nearest code, ties to the lower one)
     packed    = two indices per byte, the even element in the high nibble
   double quantization of the block scales:
     c         = mean(a)
-    q[b]      = 8-bit index of (a[b] - c) / a2[b // 256] in the signed dynamic map, where a2 is the absmax of
-                each run of 256 scales. bitsandbytes' CPU quantizer rounds through a 65,536-bin lookup table
+    q[b]      = 8-bit index of (a[b] - c) · (1 / a2[b // 256]) in the signed dynamic map, where a2 is the absmax
+                of each run of 256 scales. bitsandbytes' CPU quantizer rounds through a 65,536-bin lookup table
                 (``_nearest_by_lut``), which is not always the exact nearest code; we reproduce it bit for bit.
+                (Its CUDA quantizer may pick the neighbouring code for a few scales; either encoding decodes by
+                the formula below, and a checkpoint always loads with the bytes it was saved with.)
   dequantization (the one formula every path uses; fp32 products, then the source dtype):
     a[b]      = dyn[q[b]] * a2[b // 256] + c
     w[i]      = nf4[idx[i]] * a[i // 64]
@@ -148,7 +150,11 @@ class NF4Tensors:
 def quantize_nf4(
     weight: torch.Tensor, blocksize: int = BLOCKSIZE, nested_blocksize: int = NESTED_BLOCKSIZE
 ) -> NF4Tensors:
-    """Quantize a [N, K] weight to NF4 with double quantization, on the weight's device."""
+    """Quantize a [N, K] weight to NF4 with double quantization, on the weight's device.
+
+    Every step is an elementwise IEEE op, so CPU and CUDA agree, except the scales' mean ``c`` (a reduction whose
+    summation order differs by device, so its last bit may too); the tests pin equality on CPU.
+    """
     n_out, n_in = weight.shape
     device = weight.device
     flat = weight.reshape(-1).float()
