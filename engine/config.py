@@ -14,6 +14,7 @@ from loraplex.registry.errors import InvalidArgument
 _DEVICES = ("cpu", "cuda")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_POOL_ADAPTERS = 16  # adapters of max_lora_rank the default device pool holds
+_QUANTIZATIONS = ("none", "nf4", "int8")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class EngineConfig:
     host_adapter_bytes: int = 2 * 1024**3  # host tier budget (LRU; pinned and busy adapters stay)
     tenant_weights: tuple[tuple[str, float], ...] = ()  # fair-share weight per tenant (others: 1)
     max_wait_s: float = 10.0  # a request waiting longer is admitted before fairness/affinity order
+    # base projections: "nf4" / "int8" quantize an unquantized checkpoint at load; a checkpoint saved quantized
+    # by transformers + bitsandbytes loads as saved with "none" (or its own method)
+    quantization: str = "none"
 
     def validate(self) -> None:
         """Raise ``InvalidArgument`` naming the first bad field."""
@@ -53,6 +57,8 @@ class EngineConfig:
             raise InvalidArgument(f"device must be one of {_DEVICES}, got {self.device!r}")
         if self.dtype not in _DTYPES:
             raise InvalidArgument(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.quantization not in _QUANTIZATIONS:
+            raise InvalidArgument(f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}")
         positive = {
             "block_size": self.block_size,
             "max_num_seqs": self.max_num_seqs,

@@ -100,7 +100,7 @@ class EngineCore:
     def load(cls, config: EngineConfig) -> EngineCore:
         config.validate()
         device = torch.device(config.device)
-        loaded = load_model(Path(config.model_dir), config.dtype, device, config.max_model_len)
+        loaded = load_model(Path(config.model_dir), config.dtype, device, config.max_model_len, config.quantization)
         return cls(config, loaded)
 
     @property

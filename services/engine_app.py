@@ -65,6 +65,7 @@ def engine_config(settings: EngineSettings) -> EngineConfig:
         max_queue=settings.max_queue,
         max_model_len=settings.max_model_len,
         host_adapter_bytes=settings.host_adapter_bytes,
+        quantization=settings.quantization,
         tenant_weights=parse_tenant_weights(settings.tenant_weights),
         max_wait_s=settings.max_wait_seconds,
     )
@@ -95,6 +96,7 @@ def model_info(
         max_adapters_per_batch=config.max_adapters_per_step,
         kv_cache_blocks=stats.kv_blocks_total,
         kv_block_size=config.block_size,
+        quantization=engine.core.loaded.quantization,
     )
 
 
