@@ -1,4 +1,9 @@
-"""Builds and runs the engine from ``EngineSettings``: server up (NOT_SERVING) → load → warm up → SERVING."""
+"""Builds and runs the engine from ``EngineSettings``: server up (NOT_SERVING) → load → warm up → SERVING.
+
+Shutdown (SIGTERM) drains: health NOT_SERVING at once, new requests refused with UNAVAILABLE ``SHUTTING_DOWN``,
+requests in flight (gRPC and HTTP alike) get ``--drain-seconds`` to finish, the rest end with that typed error,
+then the servers stop and the step thread ends.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +12,40 @@ import logging
 from pathlib import Path
 
 from loraplex.engine.adapters.disk_cache import DiskTier
-from loraplex.engine.adapters.fetcher import AdapterFetcher
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.engine import LLMEngine
 from loraplex.engine.request import GenerationRequest
 from loraplex.engine.sampling import SamplingParams
+from loraplex.engine.stats import EngineStats
 from loraplex.engine.v1 import engine_service_pb2 as pb
 from loraplex.engine.v1 import engine_service_pb2_grpc as pb_grpc
 from loraplex.registry.client import RegistryClient
 from loraplex.registry.errors import InvalidArgument
 from loraplex.services.auth import TokenAuthority
+from loraplex.services.base_model import determine_base_model
 from loraplex.services.engine_metrics import EngineMetrics
 from loraplex.services.engine_servicer import SERVICE_NAME, EngineRuntime, EngineServicer
+from loraplex.services.fetcher import AdapterFetcher
 from loraplex.services.generation import GenerationFrontend
 from loraplex.services.server import ServerHandle, ServiceBinding, run_until_signal, start_server
 from loraplex.services.settings import EngineSettings
 
 log = logging.getLogger("loraplex.engine")
+
+
+def parse_tenant_weights(text: str) -> tuple[tuple[str, float], ...]:
+    """``acme=2,beta=0.5`` → (("acme", 2.0), ("beta", 0.5)); a typed error names the bad entry."""
+    weights: list[tuple[str, float]] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        tenant, sep, raw = item.partition("=")
+        try:
+            weight = float(raw)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not tenant.strip() or not weight > 0 or weight == float("inf"):
+            raise InvalidArgument(f"--tenant-weights entry {item!r} must be TENANT=POSITIVE_NUMBER")
+        weights.append((tenant.strip(), weight))
+    return tuple(weights)
 
 
 def engine_config(settings: EngineSettings) -> EngineConfig:
@@ -42,6 +64,10 @@ def engine_config(settings: EngineSettings) -> EngineConfig:
         gpu_adapter_bytes=settings.gpu_adapter_bytes,
         max_queue=settings.max_queue,
         max_model_len=settings.max_model_len,
+        host_adapter_bytes=settings.host_adapter_bytes,
+        quantization=settings.quantization,
+        tenant_weights=parse_tenant_weights(settings.tenant_weights),
+        max_wait_s=settings.max_wait_seconds,
     )
 
 
@@ -52,11 +78,13 @@ async def warm_up(engine: LLMEngine) -> None:
         pass
 
 
-def model_info(settings: EngineSettings, engine: LLMEngine, config: EngineConfig) -> pb.GetModelInfoResponse:
+def model_info(
+    settings: EngineSettings, engine: LLMEngine, config: EngineConfig, base_model: str
+) -> pb.GetModelInfoResponse:
     stats = engine.stats()
     spec = engine.model_spec
     return pb.GetModelInfoResponse(
-        base_model=settings.base_model or Path(settings.model).name,
+        base_model=base_model,
         architecture=spec.architecture,
         max_context_length=engine.max_model_len,
         max_lora_rank=config.max_lora_rank,
@@ -68,6 +96,7 @@ def model_info(settings: EngineSettings, engine: LLMEngine, config: EngineConfig
         max_adapters_per_batch=config.max_adapters_per_step,
         kv_cache_blocks=stats.kv_blocks_total,
         kv_block_size=config.block_size,
+        quantization=engine.core.loaded.quantization,
     )
 
 
@@ -83,58 +112,78 @@ class EngineApp:
         self.fetcher: AdapterFetcher | None = None
         self.client: RegistryClient | None = None
         self.metrics_port: int | None = None
+        self.base_model = settings.base_model or Path(settings.model).name
+
+    @property
+    def serving(self) -> bool:
+        """Loaded, warmed up and not draining (what HTTP /health reports)."""
+        return self.servicer.runtime is not None and self.engine is not None and not self.engine.draining
 
     async def start(self) -> ServerHandle:
+        """Start everything; on any failure, what was started is stopped again before the error propagates."""
         s = self.settings
         authority = TokenAuthority.from_file(s.tokens_file)
         binding = ServiceBinding(SERVICE_NAME, self.servicer, pb_grpc.add_EngineServiceServicer_to_server)
-        self.handle = await start_server([binding], s.listen, authority, insecure=s.insecure, serving=False)
+        self.handle = await start_server(
+            [binding], s.listen, authority, insecure=s.insecure, serving=False, drain_seconds=s.drain_seconds
+        )
+        try:
+            return await self._start_engine(self.handle)
+        except BaseException:
+            await self.handle.stop(grace=0)
+            if self.engine is not None:
+                await self.engine.shutdown()
+            if self.client is not None:
+                await self.client.close()
+            raise
+
+    async def _start_engine(self, handle: ServerHandle) -> ServerHandle:
+        s = self.settings
         config = engine_config(s)
         config.validate()
+        if s.registry:
+            self.client = RegistryClient(s.registry, s.registry_token)
+            self.base_model = await determine_base_model(self.client, Path(s.model), s.base_model)
         engine = await asyncio.to_thread(LLMEngine.load, config)
         await engine.start()
         await warm_up(engine)
         self.engine = engine
-        if s.registry:
-            self.client = RegistryClient(s.registry, s.registry_token)
+        if self.client is not None:
             self.fetcher = AdapterFetcher(
                 engine,
                 self.client,
-                base_model=s.base_model or None,
+                base_model=self.base_model,
                 max_rank=config.max_lora_rank,
-                host_budget_bytes=s.host_adapter_bytes,
                 alias_ttl_s=s.alias_ttl_seconds,
                 observer=self.metrics,
                 disk=DiskTier(Path(s.disk_cache_dir), s.disk_cache_bytes) if s.disk_cache_dir else None,
                 pin_memory=config.device == "cuda",
             )
-        self.metrics.bind_gauges(self._gauges)
+        self.metrics.bind_snapshot(self._snapshot)
         if s.metrics_port is not None:
             self.metrics_port = self.metrics.serve(s.metrics_port, s.metrics_host)
         frontend = GenerationFrontend(engine, self.fetcher, self.metrics)
-        self.servicer.runtime = EngineRuntime(
-            engine, self.fetcher, model_info(s, engine, config), self.metrics, frontend
-        )
-        await self.handle.set_serving(True)
-        log.info("engine serving", extra={"port": self.handle.port, "model": s.model})
-        return self.handle
+        info = model_info(s, engine, config, self.base_model)
+        self.servicer.runtime = EngineRuntime(engine, self.fetcher, info, self.metrics, frontend)
+        await handle.set_serving(True)
+        log.info("engine serving", extra={"port": handle.port, "model": s.model, "base_model": self.base_model})
+        return handle
 
-    def _gauges(self) -> dict[str, float]:
+    def _snapshot(self) -> tuple[EngineStats, int] | None:
         if self.engine is None:
-            return {"waiting": 0, "running": 0, "kv_free": 0, "device_bytes": 0, "host_bytes": 0, "disk_bytes": 0}
-        st = self.engine.stats()
-        return {
-            "waiting": st.num_waiting,
-            "running": st.num_running,
-            "kv_free": st.kv_blocks_free,
-            "device_bytes": sum(r.nbytes for r in st.resident_adapters),
-            "host_bytes": sum(st.host_adapters.values()),
-            "disk_bytes": self.fetcher.disk_bytes() if self.fetcher is not None else 0,
-        }
+            return None
+        return self.engine.stats(), self.fetcher.disk_bytes() if self.fetcher is not None else 0
 
     async def stop(self) -> None:
+        """Drain (see the module docstring), then release everything; safe to call more than once."""
         if self.handle is not None:
-            await self.handle.stop(grace=2.0)
+            await self.handle.set_serving(False)
+        if self.engine is not None:
+            ended = await self.engine.drain(self.settings.drain_seconds)
+            if ended:
+                log.info("drain deadline reached; ended requests still in flight", extra={"count": ended})
+        if self.handle is not None:
+            await self.handle.drain(seconds=min(2.0, self.settings.drain_seconds))
         if self.engine is not None:
             await self.engine.shutdown()
         if self.client is not None:

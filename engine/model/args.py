@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.engine.model.errors import ModelLoadError
+from loraplex.engine.model.quant_checkpoint import checkpoint_quantization
 
 # model_type -> (qkv bias default, honours sliding_window)
 _FAMILIES: dict[str, tuple[bool, bool]] = {"llama": (False, False), "mistral": (False, True), "qwen2": (True, True)}
@@ -42,6 +43,8 @@ class ModelArgs:
     torch_dtype: str = "float32"
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    # how the checkpoint stores its projections: "none", or "nf4" / "int8" when saved by transformers + bitsandbytes
+    checkpoint_quantization: str = "none"
 
     @property
     def rope_type(self) -> str:
@@ -139,6 +142,7 @@ def parse_model_args(cfg: dict[str, Any]) -> ModelArgs:
         torch_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
         eos_token_ids=_eos_list(cfg.get("eos_token_id")),
         bos_token_id=cfg.get("bos_token_id"),
+        checkpoint_quantization=checkpoint_quantization(cfg),
     )
 
 

@@ -1,4 +1,4 @@
-"""From a Hugging Face folder to a ready model: config, weights, tokenizer, EOS ids.
+"""From a Hugging Face folder to a ready model: config, weights (optionally quantized), tokenizer, EOS ids.
 
 Every failure is a ``ModelLoadError`` naming the file, field or tensor at fault.
 """
@@ -31,6 +31,20 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
     dtype: torch.dtype
     max_model_len: int
+    quantization: str = "none"  # how the base projections are held: "none", "nf4" or "int8"
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the base model's weights occupy on the device (quantized parts at their packed size).
+
+        What the KV cache and adapter pool can be sized from: device memory minus this. Storage shared between
+        tensors (views, a tied head that reuses the embedding) counts once.
+        """
+        seen: dict[int, int] = {}
+        for t in [*self.model.parameters(), *self.model.buffers()]:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
 
 
 def _eos_ids(model_dir: Path, args: ModelArgs) -> tuple[int, ...]:
@@ -48,7 +62,9 @@ def _eos_ids(model_dir: Path, args: ModelArgs) -> tuple[int, ...]:
     return args.eos_token_ids
 
 
-def load_model(model_dir: Path, dtype_name: str, device: torch.device, max_model_len: int | None) -> LoadedModel:
+def load_model(
+    model_dir: Path, dtype_name: str, device: torch.device, max_model_len: int | None, quantization: str = "none"
+) -> LoadedModel:
     check_model_folder_readable(model_dir)
     args = read_model_args(model_dir)
     try:
@@ -63,7 +79,8 @@ def load_model(model_dir: Path, dtype_name: str, device: torch.device, max_model
     except Exception as exc:  # the tokenizers library raises plain Exception subclasses
         raise ModelLoadError(f"{tokenizer_path}: cannot be parsed ({exc})") from exc
     dtype = resolve_dtype(dtype_name, args)
-    weights = {name: t.to(device) for name, t in load_weights(model_dir, args, dtype).items()}
+    weights = load_weights(model_dir, args, dtype, device, quantization)
     length = max_model_len or args.max_position_embeddings
     model = CausalLM(args, weights, RotaryTable(args, length, device, dtype))
-    return LoadedModel(args, spec, model, tokenizer, _eos_ids(model_dir, args), dtype, length)
+    eos = _eos_ids(model_dir, args)
+    return LoadedModel(args, spec, model, tokenizer, eos, dtype, length, weights.quantization)

@@ -30,6 +30,10 @@ class Linear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.weight_t.t()  # [h_out, h_in]
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """[h_out, h_in]: the same call a ``QuantizedLinear`` answers, so load-time code (DoRA) needs no branch."""
+        return self.weight
+
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         if self.bias is None:
             return torch.mm(x, self.weight_t)

@@ -2,7 +2,8 @@
 
 Family differences are data, not subclasses: qkv/o/mlp biases, per-layer sliding windows, tied embeddings and
 rope scaling all come from ``ModelArgs``. q/k/v and gate/up are fused at load so each takes one matmul (and one
-multi-slice LoRA call); ``FUSED_SLICES`` records where each original module lands in the fused output.
+multi-slice LoRA call); ``fused_slices`` records where each original module lands in the fused output. A
+quantized base changes only which module ``make_linear`` builds for a projection (same call, same output).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from torch import nn
 from loraplex.engine.context import Context
 from loraplex.engine.model.args import ModelArgs
 from loraplex.engine.model.attention import paged_attention, write_kv
-from loraplex.engine.model.layers import Embedding, Linear, LMHead, RMSNorm
+from loraplex.engine.model.layers import Embedding, LMHead, RMSNorm
+from loraplex.engine.model.loader import ModelWeights
+from loraplex.engine.model.quant_linear import make_linear
 from loraplex.engine.model.rope import RotaryTable
 
 
@@ -30,13 +33,15 @@ def fused_slices(args: ModelArgs) -> dict[str, tuple[tuple[str, int], ...]]:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, w: dict[str, torch.Tensor], rope: RotaryTable) -> None:
+    def __init__(self, args: ModelArgs, layer: int, weights: ModelWeights, rope: RotaryTable) -> None:
         super().__init__()
         p = f"model.layers.{layer}.self_attn."
-        names = ("q_proj", "k_proj", "v_proj")
+        w, names = weights.dense, ("q_proj", "k_proj", "v_proj")
         bias = torch.cat([w[p + f"{n}.bias"] for n in names]) if args.qkv_bias else None
-        self.qkv_proj: nn.Module = Linear(torch.cat([w[p + f"{n}.weight"] for n in names]), bias)
-        self.o_proj: nn.Module = Linear(w[p + "o_proj.weight"], w.get(p + "o_proj.bias") if args.o_bias else None)
+        qkv = [weights.projection(p + f"{n}.weight") for n in names]
+        self.qkv_proj: nn.Module = make_linear(qkv, bias, weights.dtype)
+        o_bias = w.get(p + "o_proj.bias") if args.o_bias else None
+        self.o_proj: nn.Module = make_linear([weights.projection(p + "o_proj.weight")], o_bias, weights.dtype)
         self.n_heads, self.n_kv, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.window = args.sliding_windows[layer]
         self.scale = args.head_dim**-0.5
@@ -57,18 +62,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, w: dict[str, torch.Tensor]) -> None:
+    def __init__(self, args: ModelArgs, layer: int, weights: ModelWeights) -> None:
         super().__init__()
         p = f"model.layers.{layer}.mlp."
-
-        def bias(name: str) -> torch.Tensor | None:
-            return w[p + f"{name}.bias"] if args.mlp_bias else None
-
-        gu_bias = None
+        w = weights.dense
+        gu_bias = down_bias = None
         if args.mlp_bias:
             gu_bias = torch.cat([w[p + "gate_proj.bias"], w[p + "up_proj.bias"]])
-        self.gate_up_proj: nn.Module = Linear(torch.cat([w[p + "gate_proj.weight"], w[p + "up_proj.weight"]]), gu_bias)
-        self.down_proj: nn.Module = Linear(w[p + "down_proj.weight"], bias("down_proj"))
+            down_bias = w[p + "down_proj.bias"]
+        gate_up = [weights.projection(p + "gate_proj.weight"), weights.projection(p + "up_proj.weight")]
+        self.gate_up_proj: nn.Module = make_linear(gate_up, gu_bias, weights.dtype)
+        self.down_proj: nn.Module = make_linear([weights.projection(p + "down_proj.weight")], down_bias, weights.dtype)
         self.inter = args.intermediate_size
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
@@ -79,13 +83,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int, w: dict[str, torch.Tensor], rope: RotaryTable) -> None:
+    def __init__(self, args: ModelArgs, layer: int, weights: ModelWeights, rope: RotaryTable) -> None:
         super().__init__()
-        p = f"model.layers.{layer}."
+        p, w = f"model.layers.{layer}.", weights.dense
         self.input_layernorm = RMSNorm(w[p + "input_layernorm.weight"], args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(w[p + "post_attention_layernorm.weight"], args.rms_norm_eps)
-        self.self_attn = Attention(args, layer, w, rope)
-        self.mlp = MLP(args, layer, w)
+        self.self_attn = Attention(args, layer, weights, rope)
+        self.mlp = MLP(args, layer, weights)
 
     def forward(self, x: torch.Tensor, ctx: Context, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), ctx, kv)
@@ -96,11 +100,12 @@ class DecoderLayer(nn.Module):
 class CausalLM(nn.Module):
     """hidden = forward(ctx, kv_caches); logits = compute_logits(hidden, ctx) for the rows to sample."""
 
-    def __init__(self, args: ModelArgs, w: dict[str, torch.Tensor], rope: RotaryTable) -> None:
+    def __init__(self, args: ModelArgs, weights: ModelWeights, rope: RotaryTable) -> None:
         super().__init__()
         self.args = args
+        w = weights.dense
         self.embed_tokens: nn.Module = Embedding(w["model.embed_tokens.weight"])
-        self.layers = nn.ModuleList([DecoderLayer(args, i, w, rope) for i in range(args.num_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(args, i, weights, rope) for i in range(args.num_layers)])
         self.norm = RMSNorm(w["model.norm.weight"], args.rms_norm_eps)
         head = w["model.embed_tokens.weight"] if args.tie_word_embeddings else w["lm_head.weight"]
         self.lm_head: nn.Module = LMHead(head, tied=args.tie_word_embeddings)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +14,7 @@ from loraplex.engine.adapters.host import HostAdapter
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.engine import LLMEngine
 from loraplex.engine.request import Delta, FinishReason
-from loraplex.registry.errors import AdapterNotFound, AlreadyExists, FailedPrecondition, QueueFull
+from loraplex.registry.errors import AdapterNotFound, AlreadyExists, FailedPrecondition, QueueFull, Unavailable
 from tests.engine.helpers import request
 
 ARCH = "qwen2"
@@ -43,7 +45,8 @@ async def test_generate_streams_until_finish(engine: LLMEngine, tiny_adapters: d
     assert engine.model_spec.model_type == "qwen2"
     assert engine.eos_token_ids == (1,)
     key = "sha256:abc"
-    engine.add_adapter(key, HostAdapter.from_peft_dir(tiny_adapters[ARCH]["all-r8"], engine.model_spec, 64))
+    await engine.add_adapter(key, HostAdapter.from_peft_dir(tiny_adapters[ARCH]["all-r8"], engine.model_spec, 64))
+    await _settle(engine)
     assert engine.has_adapter(key)
     deltas = [
         d async for d in engine.generate(request("g", [5, 6, 7], key, max_new_tokens=5, ignore_eos=True, logprobs=True))
@@ -55,8 +58,16 @@ async def test_generate_streams_until_finish(engine: LLMEngine, tiny_adapters: d
     text = "".join(d.text for d in deltas)
     assert text == engine.tokenizer.decode([t for d in deltas for t in d.token_ids])
     await _settle(engine)
-    engine.remove_adapter(key)
+    busy = engine.generate(request("busy", [5, 6], key, max_new_tokens=10_000, ignore_eos=True))
+    await anext(busy)
+    with pytest.raises(FailedPrecondition, match="in use"):
+        await engine.evict_adapter(key)
+    await busy.aclose()
+    await _settle(engine)
+    assert await engine.evict_adapter(key) is True
+    await _settle(engine)
     assert not engine.has_adapter(key)
+    assert await engine.evict_adapter(key) is False
 
 
 async def test_cancelling_consumer_aborts(engine: LLMEngine) -> None:
@@ -91,11 +102,35 @@ async def test_closing_iterator_aborts_and_queue_full(engine: LLMEngine) -> None
         engine.generate(request("q3", [5, 6], None))
     with pytest.raises(AlreadyExists):
         engine.generate(request("q0", [5, 6], None))
-    with pytest.raises(FailedPrecondition):
-        engine.remove_adapter("never-fetched")
+    assert await engine.evict_adapter("never-fetched") is False  # not host-resident: nothing to evict
     engine.fail_adapter("never-fetched", AdapterNotFound("gone"))
     for s in streams:
         with pytest.raises(AdapterNotFound):
             await anext(s)
     engine.abort("q0")  # idempotent after the end
     await _settle(engine)
+
+
+async def test_time_limits_are_delivered_even_when_the_step_fails(engine: LLMEngine) -> None:
+    """Issue 9 item 7: a request whose time ran out while a failing step ran still gets its TIME_LIMIT end."""
+    real_run = engine.core.runner.run
+    breaks_at = time.monotonic() + 0.3
+
+    def flaky(batch: Any) -> Any:
+        if time.monotonic() > breaks_at:
+            raise RuntimeError("simulated device fault")
+        return real_run(batch)
+
+    engine.core.runner.run = flaky  # type: ignore[method-assign]
+    # "limited" waits for an adapter nobody fetches, so it is still queued when its 0.3 s run out; "busy" keeps
+    # a forward pass running until the fault.
+    limited = engine.generate(request("limited", [5, 6], "never-fetched", max_new_tokens=5, time_limit_s=0.3))
+    busy = engine.generate(request("busy", [5, 6, 7], None, max_new_tokens=10_000, ignore_eos=True))
+    deltas = [d async for d in limited]
+    assert deltas[-1].finish_reason is FinishReason.TIME_LIMIT
+    with pytest.raises(Unavailable) as info:
+        async for _ in busy:
+            pass
+    assert info.value.reason == "STEP_FAILED"
+    await _settle(engine)
+    assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
