@@ -61,7 +61,9 @@ async def generate(args: argparse.Namespace) -> int:
         sampling=sampling,
         stopping=pb.StoppingCriteria(max_new_tokens=args.max_new_tokens, stop_sequences=args.stop),
     )
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+    if args.adapter:  # a proxy in front of many engines routes on this (docs/api.md, "Routing header")
+        metadata += (("x-loraplex-adapter", args.adapter),)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.EngineServiceStub(channel)
         try:

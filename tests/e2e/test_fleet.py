@@ -39,7 +39,7 @@ from tests.e2e.stack import Stack, Streamed, collect, engine_args, push, registe
 from tests.engine.helpers import peft_model, prompts, until_eos
 from tests.fixtures.backends import PostgresServer, _create_database, free_port, make_bucket
 from tests.fixtures.hf import read_adapter
-from tests.fixtures.procs import ServerProcess, registry_args, start_server
+from tests.fixtures.procs import ServerProcess, registry_args, run_cli, start_server
 
 ROOT = Path(__file__).resolve().parents[2]
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
@@ -270,6 +270,13 @@ async def through_proxy(fleet: Fleet, indices: list[int], concurrency: int) -> d
         return dict(await asyncio.gather(*(one(i) for i in indices)))
 
 
+def fresh_adapter(fleet: Fleet, folder: Path, name: str) -> str:
+    """Push an adapter no other test uses (its digest is in no engine's cache yet) and return its ref."""
+    ref = f"fleet/{name}-{uuid.uuid4().hex[:6]}"
+    fleet.digests[ref] = asyncio.run(push(fleet.registries[0].address, ref, folder))
+    return ref
+
+
 def assert_oracle(fleet: Fleet, oracle: dict[tuple[str, int], list[int]], results: dict[int, Streamed]) -> None:
     for i, got in results.items():
         ref = ref_of(i)
@@ -285,7 +292,7 @@ def test_grpc_through_haproxy_matches_peft_and_keeps_each_adapter_on_one_engine(
     sequential = asyncio.run(through_proxy(fleet, list(range(30)), concurrency=1))
     assert_oracle(fleet, oracle, sequential)
     assert fleet.downloads() == len(ADAPTERS), "each adapter must be fetched by exactly one engine"
-    holders = fleet.holders()
+    holders = {ref: fleet.holders()[fleet.digests[ref]] for ref in map(ref_of, range(len(ADAPTERS)))}
     assert all(len(engines) == 1 for engines in holders.values()), holders
     assert len({e for engines in holders.values() for e in engines}) >= 2, f"one engine got everything: {holders}"
     # 30 more, 6 at a time: bounded load may spill a busy adapter to a second engine; outputs stay exact.
@@ -307,33 +314,30 @@ def test_requests_without_the_routing_header_go_round_robin(fleet: Fleet) -> Non
     assert fleet.holders()[fleet.digests[ref_of(0)]] == [0, 1, 2]
 
 
-def test_node_example_sends_the_routing_header(fleet: Fleet) -> None:
+def test_node_example_sends_the_routing_header(fleet: Fleet, tiny_adapters: dict[str, dict[str, Path]]) -> None:
     node = shutil.which("node")
     client = ROOT / "examples" / "node" / "generate.js"
     if node is None or not (client.parent / "node_modules" / "@grpc" / "grpc-js").is_dir():
         pytest.skip("node or the example's npm packages are missing (tools/setup.sh --test installs them)")
-    ref = ref_of(1)
-    before, owner = fleet.downloads(), fleet.holders()[fleet.digests[ref]]
+    ref = fresh_adapter(fleet, tiny_adapters["llama"]["all-r64"], "node-probe")
+    before = fleet.downloads()
     for _ in range(3):  # round-robin would visit every engine
-        result = subprocess.run(
-            [
-                node,
-                str(client),
-                "--engine",
-                f"127.0.0.1:{fleet.grpc_port}",
-                "--adapter",
-                ref,
-                "--max-new-tokens",
-                "4",
-                "Hi",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        command = [node, str(client), "--engine", f"127.0.0.1:{fleet.grpc_port}", "--adapter", ref]
+        result = subprocess.run([*command, "--max-new-tokens", "4", "Hi"], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert f"adapter {ref}@1 {fleet.digests[ref]}" in result.stdout
-    assert fleet.downloads() == before and fleet.holders()[fleet.digests[ref]] == owner
+    assert fleet.downloads() == before + 1 and len(fleet.holders()[fleet.digests[ref]]) == 1
+
+
+def test_cli_generate_sends_the_routing_header(fleet: Fleet, tiny_adapters: dict[str, dict[str, Path]]) -> None:
+    ref = fresh_adapter(fleet, tiny_adapters["llama"]["embed-head-r8"], "cli-probe")
+    before = fleet.downloads()
+    for _ in range(3):  # round-robin would visit every engine
+        command = ["generate", "--engine", f"127.0.0.1:{fleet.grpc_port}", "--adapter", ref, "--max-new-tokens", "4"]
+        result = run_cli([*command, "Hi"])
+        assert result.returncode == 0, result.stderr
+        assert f"[{ref}@1 {fleet.digests[ref][:19]}" in result.stderr
+    assert fleet.downloads() == before + 1 and len(fleet.holders()[fleet.digests[ref]]) == 1
 
 
 # ------------------------------------------------------------------------------------------------ HTTP
@@ -422,4 +426,5 @@ def test_sigkill_one_engine_and_requests_keep_succeeding(
         raise AssertionError(f"{exc.code()} {exc.details()}\nHAProxy log:\n{log}") from exc
     fleet.wait_for_servers(["engines_grpc"], set(fleet.alive()))
     assert_oracle(fleet, oracle, asyncio.run(through_proxy(fleet, list(range(12, 24)), concurrency=3)))
-    assert all(engines for engines in fleet.holders().values())
+    holders = fleet.holders()
+    assert all(holders[fleet.digests[ref_of(i)]] for i in range(len(ADAPTERS))), holders
