@@ -27,6 +27,7 @@ from loraplex.services.engine_metrics import EngineMetrics
 from loraplex.services.engine_servicer import SERVICE_NAME, EngineRuntime, EngineServicer
 from loraplex.services.fetcher import AdapterFetcher
 from loraplex.services.generation import GenerationFrontend
+from loraplex.services.mixes import MixBuilder
 from loraplex.services.server import ServerHandle, ServiceBinding, run_until_signal, start_server
 from loraplex.services.settings import EngineSettings
 
@@ -162,7 +163,8 @@ class EngineApp:
         self.metrics.bind_snapshot(self._snapshot)
         if s.metrics_port is not None:
             self.metrics_port = self.metrics.serve(s.metrics_port, s.metrics_host)
-        frontend = GenerationFrontend(engine, self.fetcher, self.metrics)
+        mixes = MixBuilder(engine, self.fetcher, config.max_lora_rank) if self.fetcher is not None else None
+        frontend = GenerationFrontend(engine, self.fetcher, self.metrics, mixes)
         info = model_info(s, engine, config, self.base_model)
         self.servicer.runtime = EngineRuntime(engine, self.fetcher, info, self.metrics, frontend)
         await handle.set_serving(True)

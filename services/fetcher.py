@@ -107,6 +107,7 @@ class AdapterFetcher:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._fetch_token: dict[str, str] = {}  # digest -> a token that resolved it (for engine-driven fetches)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._sources: list[Callable[[str], bool]] = []  # other producers of keys (adapter mixes)
         self.stats = FetchStats()
         engine.on_adapter_missing(self._adapter_missing)
 
@@ -208,7 +209,13 @@ class AdapterFetcher:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._refetch, digest)
 
+    def add_source(self, rebuild: Callable[[str], bool]) -> None:
+        """Another producer of engine keys: ``rebuild(key)`` starts it and returns True when it owns ``key``."""
+        self._sources.append(rebuild)
+
     def _refetch(self, digest: str) -> None:
+        if any(rebuild(digest) for rebuild in self._sources):
+            return
         resolved = self.known(digest)
         if resolved is None:
             self._engine.fail_adapter(digest, Unavailable(f"adapter {digest} is not resolvable here any more"))
