@@ -20,6 +20,8 @@ from loraplex.services.auth import TokenAuthority
 from loraplex.services.engine_metrics import EngineMetrics
 from loraplex.services.engine_servicer import SERVICE_NAME, EngineRuntime, EngineServicer
 from loraplex.services.generation import GenerationFrontend
+from loraplex.services.openai_api import build_app
+from loraplex.services.openai_http import HttpServer
 from loraplex.services.server import ServerHandle, ServiceBinding, run_until_signal, start_server
 from loraplex.services.settings import EngineSettings
 
@@ -83,12 +85,26 @@ class EngineApp:
         self.fetcher: AdapterFetcher | None = None
         self.client: RegistryClient | None = None
         self.metrics_port: int | None = None
+        # ---- OpenAI-compatible HTTP API (issue 10) -------------------------------------------------------
+        self.http: HttpServer | None = None  # None when --http-listen is empty
+        self.draining = False  # True from stop(): /health answers 503 so balancers take this engine out
+        # ---- end OpenAI-compatible HTTP API --------------------------------------------------------------
+
+    @property
+    def http_port(self) -> int | None:
+        """The OpenAI-compatible HTTP API's bound port (issue 10); None when disabled."""
+        return self.http.port if self.http is not None else None
 
     async def start(self) -> ServerHandle:
         s = self.settings
         authority = TokenAuthority.from_file(s.tokens_file)
         binding = ServiceBinding(SERVICE_NAME, self.servicer, pb_grpc.add_EngineServiceServicer_to_server)
         self.handle = await start_server([binding], s.listen, authority, insecure=s.insecure, serving=False)
+        # ---- OpenAI-compatible HTTP API (issue 10): up now, 503 ENGINE_LOADING until the runtime is set ----
+        if s.http_listen:
+            app = build_app(lambda: self.servicer.runtime, lambda: not self.draining, authority, Path(s.model))
+            self.http = await HttpServer.start(app, s.http_listen, authority, insecure=s.insecure)
+        # ---- end OpenAI-compatible HTTP API --------------------------------------------------------------
         config = engine_config(s)
         config.validate()
         engine = await asyncio.to_thread(LLMEngine.load, config)
@@ -133,6 +149,11 @@ class EngineApp:
         }
 
     async def stop(self) -> None:
+        # ---- OpenAI-compatible HTTP API (issue 10): health 503, finish in-flight responses, stop ------------
+        self.draining = True
+        if self.http is not None:
+            await self.http.stop(grace=2.0)
+        # ---- end OpenAI-compatible HTTP API --------------------------------------------------------------
         if self.handle is not None:
             await self.handle.stop(grace=2.0)
         if self.engine is not None:
@@ -146,5 +167,7 @@ async def serve_engine(settings: EngineSettings) -> None:
     handle = await app.start()
     if app.metrics_port is not None:
         print(f"loraplex engine metrics on port {app.metrics_port}", flush=True)
+    if app.http_port is not None:  # OpenAI-compatible HTTP API (issue 10)
+        print(f"loraplex engine http on port {app.http_port}", flush=True)
     print(f"loraplex engine listening on port {handle.port}", flush=True)
     await run_until_signal(handle, on_stop=app.stop)
