@@ -24,7 +24,7 @@ class SeqSlice:
     start_pos: int  # position of token_ids[0]
     block_table: list[int]  # KV blocks covering positions [0, start_pos + len(token_ids))
     slot: int  # adapter pool slot, -1 = base model
-    needs_logits: bool  # the step computes this sequence's last pending token
+    num_logits: int  # how many trailing tokens of the slice need a logits row (1 = the sampling row only)
 
 
 @dataclass
@@ -95,10 +95,10 @@ class Context:
             token_slots.extend([s.slot] * n)
             q_len.append(n)
             kv_len.append(s.start_pos + n)
-            if s.needs_logits:
-                logits_indices.append(len(input_ids) - 1)
-                logits_seqs.append(b)
-                logits_slots.append(s.slot)
+            if s.num_logits:
+                logits_indices.extend(range(len(input_ids) - s.num_logits, len(input_ids)))
+                logits_seqs.extend([b] * s.num_logits)
+                logits_slots.extend([s.slot] * s.num_logits)
 
         def i64(values: list[int] | list[list[int]]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)

@@ -24,8 +24,8 @@ from loraplex.engine.model.lora import apply_lora_transform
 from loraplex.engine.output import OutputState
 from loraplex.engine.request import GenerationRequest
 from loraplex.engine.runner import ModelRunner
-from loraplex.engine.sampling import make_generator, sample
-from loraplex.engine.scheduler import Event, Scheduler, SchedulerLimits
+from loraplex.engine.sampling import make_generator, prompt_logprobs, sample
+from loraplex.engine.scheduler import Event, PromptScores, ScheduledBatch, Scheduler, SchedulerLimits
 from loraplex.engine.sequence import Sequence
 from loraplex.engine.stats import EngineStats
 from loraplex.registry.errors import InvalidArgument
@@ -173,7 +173,8 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if not batch.items:
             return self.scheduler.postprocess(batch, None)
-        logits = self.runner.run(batch)
+        rows = self.runner.run(batch)
+        logits, scores = self._split_rows(batch, rows)
         seqs = batch.sampled
         self.last_step = StepRecord([s.request_id for s in seqs], logits)
         samples = None
@@ -186,7 +187,38 @@ class EngineCore:
                 banned=[s.output.banned(s.num_generated) for s in seqs],
                 need_logprobs=any(s.params.logprobs for s in seqs),
             )
-        return self.scheduler.postprocess(batch, samples)
+        return self.scheduler.postprocess(batch, samples, scores)
+
+    @staticmethod
+    def _split_rows(batch: ScheduledBatch, rows: torch.Tensor) -> tuple[torch.Tensor, PromptScores]:
+        """The sampling rows ([len(batch.sampled), V], in that order) and the prompt logprobs scored this step.
+
+        Item i owns ``batch.num_logits[i]`` consecutive rows for its last tokens; the last one is its sampling row
+        when it samples. A row at prompt position p < len(prompt) - 1 scores prompt token p + 1.
+        """
+        if len(batch.sampled) == rows.shape[0]:
+            return rows, {}  # one row per sampling sequence: the common case, no copies
+        sample_rows: list[int] = []
+        scores: PromptScores = {}
+        first = 0
+        sampled = set(batch.sampled)
+        for (seq, n), k in zip(batch.items, batch.num_logits, strict=True):
+            if k == 0:
+                continue
+            start_pos = seq.num_computed + n - k  # position of the item's first logits row
+            # positions already scored before a preemption are not scored twice
+            wanted = [
+                (first + j, start_pos + j) for j in range(k) if len(seq.prompt_lp) <= start_pos + j < seq.num_prompt - 1
+            ]
+            if wanted and seq.params.prompt_logprobs is not None:
+                index = torch.tensor([r for r, _ in wanted], dtype=torch.long, device=rows.device)
+                targets = [seq.token_ids[pos + 1] for _, pos in wanted]
+                scores[seq] = prompt_logprobs(rows.index_select(0, index), targets, seq.params.prompt_logprobs)
+            if seq in sampled:
+                sample_rows.append(first + k - 1)
+            first += k
+        index = torch.tensor(sample_rows, dtype=torch.long, device=rows.device)
+        return rows.index_select(0, index), scores
 
     def stats(self) -> EngineStats:
         return EngineStats(

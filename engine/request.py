@@ -47,3 +47,7 @@ class Delta:
     top_logprobs: list[list[tuple[int, float]]] | None
     finish_reason: FinishReason | None
     usage: Usage
+    # On the first delta after the prompt was processed, when the request asked for prompt logprobs: one entry
+    # per prompt token (None for the first, which nothing predicts) and the top alternatives of each.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None

@@ -33,15 +33,15 @@ class ModelRunner:
                 start_pos=seq.num_computed,
                 block_table=seq.block_table,
                 slot=seq.slot,
-                needs_logits=seq.num_computed + n == seq.num_tokens,
+                num_logits=k,
             )
-            for seq, n in batch.items
+            for (seq, n), k in zip(batch.items, batch.num_logits, strict=True)
         ]
         return Context.build(slices, self.block_size, self.device)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
-        """float32 logits [N, vocab], one row per ``batch.sampled`` sequence, in that order."""
+        """float32 logits [N, vocab]: ``batch.num_logits[i]`` rows for item i (its last tokens), in item order."""
         ctx = self.build_context(batch)
         hidden = self.model(ctx, self.kv_caches)
         return self.model.compute_logits(hidden, ctx)

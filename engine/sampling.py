@@ -56,6 +56,9 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     time_limit_s: float | None = None
+    # Log-probabilities of the prompt's own tokens (each given the tokens before it), plus this many top
+    # alternatives; None = off. With it, max_new_tokens may be 0: score a prompt without generating.
+    prompt_logprobs: int | None = None
 
     @property
     def is_greedy(self) -> bool:
@@ -75,11 +78,19 @@ class SamplingParams:
         _check_float("repetition_penalty", self.repetition_penalty, lambda v: v > 0.0, "> 0")
         if self.seed is not None:
             _check_int("seed", self.seed, lambda v: 0 <= v < _UINT64_LIMIT, "an unsigned 64-bit integer")
+        if self.prompt_logprobs is not None:
+            _check_int(
+                "prompt_logprobs",
+                self.prompt_logprobs,
+                lambda v: 0 <= v <= MAX_TOP_LOGPROBS,
+                f"in [0, {MAX_TOP_LOGPROBS}]",
+            )
+        least = 0 if self.prompt_logprobs is not None else 1
         _check_int(
             "max_new_tokens",
             self.max_new_tokens,
-            lambda v: 1 <= v <= MAX_NEW_TOKENS_CAP,
-            f"in [1, {MAX_NEW_TOKENS_CAP}]",
+            lambda v: least <= v <= MAX_NEW_TOKENS_CAP,
+            f"in [{least}, {MAX_NEW_TOKENS_CAP}]" + ("" if least else " (0 needs prompt logprobs)"),
         )
         _check_int("min_new_tokens", self.min_new_tokens, lambda v: v >= 0, ">= 0")
         if self.min_new_tokens > self.max_new_tokens:
@@ -327,6 +338,22 @@ def _sample_rows(
     # An Exp(1) draw can be exactly 0; clamping keeps 0/0 out while leaving the race's winner unchanged.
     q.clamp_(min=torch.finfo(torch.float32).tiny)
     return (probs / q).argmax(dim=-1)
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, targets: Sequence[int], top: int
+) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Log-probabilities of ``targets[i]`` under row i of ``logits`` ([N, V], raw), and each row's ``top`` best.
+
+    Row i is the model's prediction after prompt position p, ``targets[i]`` the prompt token at p + 1; like every
+    reported logprob these come from the raw logits (no penalty, temperature or filters).
+    """
+    raw = logits.float()
+    log_z = torch.logsumexp(raw, dim=-1)  # [N]
+    index = torch.tensor(list(targets), dtype=torch.long, device=raw.device)
+    chosen = (raw.gather(1, index[:, None]).squeeze(1) - log_z).tolist()
+    alternatives = [_top_logprobs(raw[i] - log_z[i], top) if top > 0 else [] for i in range(raw.shape[0])]
+    return chosen, alternatives
 
 
 def _top_logprobs(row: torch.Tensor, n: int) -> list[tuple[int, float]]:

@@ -34,15 +34,20 @@ class Failure:
 
 
 Event = Delta | Failure
+# Per sequence: logprobs of the prompt tokens scored this step (in position order) and their top alternatives.
+PromptScores = dict[Sequence, tuple[list[float], list[list[tuple[int, float]]]]]
 
 
 @dataclass
 class ScheduledBatch:
     items: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens to run this step)
     events: list[Event] = field(default_factory=list)  # requests that ended without running (time limits)
-    # Sequences whose chunk reaches their last token: they get a logits row, in this order. Fixed at schedule
+    # Sequences whose chunk reaches their last token: they sample one token, in this order. Fixed at schedule
     # time because postprocess advances ``num_computed``.
     sampled: list[Sequence] = field(default_factory=list)
+    # Per item: how many of its trailing tokens get a logits row (the sampling row, or every token of a prompt
+    # chunk whose prompt logprobs were asked for).
+    num_logits: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -116,8 +121,19 @@ class Scheduler:
             budget -= n
         if not preempted:
             budget = self._admit(batch, budget)
-        batch.sampled = [seq for seq, n in batch.items if seq.num_computed + n == seq.num_tokens]
+        self._mark_logits(batch)
         return batch
+
+    @staticmethod
+    def _mark_logits(batch: ScheduledBatch) -> None:
+        """Which items sample this step and how many logits rows each needs."""
+        for seq, n in batch.items:
+            completes = seq.num_computed + n == seq.num_tokens
+            samples = completes and seq.params.max_new_tokens > 0
+            if samples:
+                batch.sampled.append(seq)
+            scores_prompt = seq.wants_prompt_logprobs and seq.num_computed < seq.num_prompt - 1
+            batch.num_logits.append(n if scores_prompt else int(samples))
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> int:
         adapters = {seq.adapter_key for seq in self.running if seq.adapter_key is not None}
@@ -157,11 +173,19 @@ class Scheduler:
                 events.append(self._finish(seq, FinishReason.TIME_LIMIT, text=seq.output.drain()))
         return events
 
-    def postprocess(self, batch: ScheduledBatch, samples: SampleOutput | None) -> list[Event]:
-        """Advance computed counts, append sampled tokens, decide finishes; one delta per sampled sequence."""
+    def postprocess(
+        self, batch: ScheduledBatch, samples: SampleOutput | None, prompt_scores: PromptScores | None = None
+    ) -> list[Event]:
+        """Advance computed counts, record prompt logprobs, append sampled tokens, decide finishes."""
         for seq, n in batch.items:
             seq.num_computed += n
+        for seq, (scored, alternatives) in (prompt_scores or {}).items():
+            seq.prompt_lp.extend(scored)
+            seq.prompt_top.extend(alternatives)
         events: list[Event] = list(batch.events)
+        for seq, _ in batch.items:  # prompt-only requests (max_new_tokens 0) end once the prompt is scored
+            if seq.params.max_new_tokens == 0 and seq.num_computed == seq.num_tokens:
+                events.append(self._finish(seq, FinishReason.MAX_TOKENS))
         if samples is None:
             return events
         for i, seq in enumerate(batch.sampled):
@@ -222,7 +246,15 @@ class Scheduler:
         top: list[list[tuple[int, float]]] | None,
         finish: FinishReason | None,
     ) -> Delta:
+        prompt_lp: list[float | None] | None = None
+        prompt_top: list[list[tuple[int, float]]] | None = None
+        if seq.params.prompt_logprobs is not None and not seq.prompt_lp_sent and not seq.wants_prompt_logprobs:
+            seq.prompt_lp_sent = True
+            prompt_lp = [None, *seq.prompt_lp]
+            prompt_top = [[], *seq.prompt_top]
         return Delta(
+            prompt_logprobs=prompt_lp,
+            prompt_top_logprobs=prompt_top,
             request_id=seq.request_id,
             token_ids=token_ids,
             text=text,

@@ -36,6 +36,10 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    # Prompt logprobs gathered so far (entry i scores prompt token i + 1), until delivered once.
+    prompt_lp: list[float] = field(default_factory=list)
+    prompt_top: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_lp_sent: bool = False
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -69,6 +73,11 @@ class Sequence:
     def num_pending(self) -> int:
         """Tokens still to run through the model before the next sample (prompt chunk or last token)."""
         return self.num_tokens - self.num_computed
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all gathered yet (a recompute after preemption skips them)."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_lp) < self.num_prompt - 1
 
     @property
     def output_ids(self) -> list[int]:
