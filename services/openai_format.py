@@ -81,9 +81,9 @@ def prompt_logprob_rows(
     delta: Delta, prompt_ids: list[int]
 ) -> tuple[list[int], list[float | None], list[list[tuple[int, float]] | None]]:
     """The prompt's tokens with the logprobs the engine computed for them (first token: None, as OpenAI)."""
-    values: list[float | None] = list(getattr(delta, "prompt_logprobs", None) or [None] * len(prompt_ids))
-    tops: list[list[tuple[int, float]] | None] = list(getattr(delta, "prompt_top_logprobs", None) or [])
-    tops = [None, *tops[1:]] if tops else [None] * len(prompt_ids)
+    values: list[float | None] = list(delta.prompt_logprobs or [None] * len(prompt_ids))
+    given = delta.prompt_top_logprobs or []
+    tops: list[list[tuple[int, float]] | None] = [None, *given[1:]] if given else [None] * len(prompt_ids)
     return list(prompt_ids), values, tops
 
 
