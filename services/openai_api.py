@@ -4,27 +4,23 @@
 Why it is thin: everything that matters — resolving the adapter with the caller's token, fair-share tenant,
 submission into the one scheduler, metrics — happens in ``GenerationFrontend``, shared with gRPC, so HTTP and
 gRPC requests batch together and fail the same way. This module only converts OpenAI bodies to
-``GenerationInput``s and the ``Delta`` streams back to OpenAI bodies or server-sent events.
-
-A client that goes away aborts its request (KV blocks and adapter reference freed): while we wait for the engine
-a side task watches the connection (``http.disconnect``) and cancels the wait; once a stream has started,
-Starlette cancels the body on disconnect; either way closing the deltas iterator aborts the request.
+``GenerationInput``s; ``openai_responses`` turns the ``Delta`` streams back into OpenAI bodies or server-sent
+events, ``openai_stream`` makes a client that goes away abort its request, ``openai_http`` holds auth, errors and
+the embedded server, ``openai_protocol`` the request bodies, ``chat_template`` the sandboxed chat templates.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 
-from loraplex.engine.request import Delta
 from loraplex.engine.sampling import SamplingParams
 from loraplex.registry.errors import InvalidArgument, LoraplexError, NotFound, Unavailable
 from loraplex.registry.refs import parse_ref
@@ -32,21 +28,9 @@ from loraplex.services.auth import TokenAuthority
 from loraplex.services.chat_template import ChatTemplate, load_chat_template
 from loraplex.services.engine_convert import MAX_PROMPT_CHARS
 from loraplex.services.engine_servicer import EngineRuntime
-from loraplex.services.errors import http_error
 from loraplex.services.generation import GenerationInput, Submission
 from loraplex.services.logs import request_id_var
-from loraplex.services.openai_format import (
-    ChoiceState,
-    CompletionLogprobs,
-    TokenNames,
-    chat_body,
-    chat_chunk,
-    chat_logprob_content,
-    completion_body,
-    completion_chunk,
-    sse,
-    usage_chunk,
-)
+from loraplex.services.openai_format import ChoiceState, TokenNames
 from loraplex.services.openai_http import RequestContext, install_error_handlers, json_body
 from loraplex.services.openai_protocol import (
     DEFAULT_COMPLETION_TOKENS,
@@ -55,17 +39,22 @@ from loraplex.services.openai_protocol import (
     SamplingBody,
     sampling_params,
 )
+from loraplex.services.openai_responses import (
+    Job,
+    chat_events,
+    chat_result,
+    completion_events,
+    completion_result,
+    maybe_offload,
+    streamed,
+    whole,
+)
+from loraplex.services.openai_stream import close_quietly
 
 DOOR = "http"
 PRIORITY_HEADER = "x-loraplex-priority"
-OFFLOAD_CHARS = 4096  # tokenize / render bigger inputs in a worker thread, so the loop keeps serving
-CLIENT_CLOSED = 499  # nginx's "client closed request": logged, never read by anyone
 T = TypeVar("T")
 RuntimeSource = Callable[[], EngineRuntime | None]
-
-
-class ClientGone(Exception):
-    """The client disconnected while we waited on its behalf."""
 
 
 def build_app(
@@ -92,20 +81,6 @@ class _Plan:
     priority: int
     choices: list[ChoiceState]
     with_logprobs: bool
-
-
-@dataclass
-class _Job:
-    """The prompts of one request, submitted, plus what rendering needs."""
-
-    runtime: EngineRuntime
-    submissions: list[Submission]
-    choices: list[ChoiceState]
-    with_logprobs: bool
-    response_id: str
-    created: int
-    model: str
-    names: TokenNames
 
 
 class OpenAIApi:
@@ -139,16 +114,16 @@ class OpenAIApi:
         plan = await _counted(rt, self._plan_completion(rt, body, request))
         job = await self._submit(rt, body, plan, "cmpl")
         if body.stream:
-            return await self._stream(request, job, self._completion_events(job, body.include_usage))
-        return await self._whole(request, job, self._completion_result)
+            return await streamed(request, job, completion_events(job, body.include_usage))
+        return await whole(request, job, completion_result)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         rt = self.runtime()
         plan = await _counted(rt, self._plan_chat(rt, body, request))
         job = await self._submit(rt, body, plan, "chatcmpl")
         if body.stream:
-            return await self._stream(request, job, self._chat_events(job, body.include_usage))
-        return await self._whole(request, job, self._chat_result)
+            return await streamed(request, job, chat_events(job, body.include_usage))
+        return await whole(request, job, chat_result)
 
     # ---- request → engine inputs ---------------------------------------------------------------------------
     def runtime(self) -> EngineRuntime:
@@ -182,16 +157,16 @@ class OpenAIApi:
         body.check_supported()
         template = await self._chat_template()
         size = sum(len(str(m.get("content") or "")) for m in body.messages)
-        rendered = await _maybe_offload(size, template.render, body.messages, body.chat_template_kwargs)
+        rendered = await maybe_offload(size, template.render, body.messages, body.chat_template_kwargs)
         # The template writes the special tokens itself (transformers tokenizes it with add_special_tokens=False).
-        ids = await _maybe_offload(len(rendered), _encode, rt, rendered, False)
+        ids = await maybe_offload(len(rendered), _encode, rt, rendered, False)
         limit = body.token_limit
         max_new = limit if limit is not None else max(1, rt.engine.max_model_len - len(ids))
         top = body.top_logprobs or 0
         params = sampling_params(body, max_new_tokens=max_new, logprobs=body.logprobs, top_logprobs=top)
         return _Plan([ids], params, _priority(body.priority, request), [ChoiceState(0)], body.logprobs)
 
-    async def _submit(self, rt: EngineRuntime, body: SamplingBody, plan: _Plan, kind: str) -> _Job:
+    async def _submit(self, rt: EngineRuntime, body: SamplingBody, plan: _Plan, kind: str) -> Job:
         """Submit every prompt through the front door; on any failure abort those already submitted."""
         adapter = _adapter_ref(body.model, rt)
         base_id = request_id_var.get()
@@ -204,18 +179,18 @@ class OpenAIApi:
         except BaseException:
             for submitted in submissions:
                 rt.engine.abort(submitted.request_id)  # never iterated: closing alone would not abort it
-                await _close(submitted.deltas)
+                await close_quietly(submitted.deltas)
             raise
         names = _token_names(rt, body.return_tokens_as_token_ids)
         response_id = f"{kind}-{base_id}"
-        return _Job(rt, submissions, plan.choices, plan.with_logprobs, response_id, int(time.time()), body.model, names)
+        return Job(rt, submissions, plan.choices, plan.with_logprobs, response_id, int(time.time()), body.model, names)
 
     async def _encode(self, rt: EngineRuntime, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, list):
             return prompt
         if len(prompt) > MAX_PROMPT_CHARS:
             raise InvalidArgument(f"prompt is longer than {MAX_PROMPT_CHARS} characters", metadata={"field": "prompt"})
-        return await _maybe_offload(len(prompt), _encode, rt, prompt, True)
+        return await maybe_offload(len(prompt), _encode, rt, prompt, True)
 
     async def _chat_template(self) -> ChatTemplate:
         if not self._template_loaded:
@@ -228,114 +203,6 @@ class OpenAIApi:
                 reason="NO_CHAT_TEMPLATE",
             )
         return self._template
-
-    # ---- responses -----------------------------------------------------------------------------------------
-    async def _whole(
-        self, request: Request, job: _Job, render: Callable[[_Job], Awaitable[dict[str, Any]]]
-    ) -> Response:
-        events = merge(job.submissions)
-        try:
-            await until_disconnect(request, _drain(events, job))
-            return json_body(await render(job))
-        except ClientGone:
-            return JSONResponse({"error": None}, status_code=CLIENT_CLOSED)
-        finally:
-            await _release(job, events)
-
-    async def _stream(self, request: Request, job: _Job, chunks: AsyncIterator[bytes]) -> Response:
-        """Wait for the first chunk before answering, so failures before any token get a real HTTP status."""
-        try:
-            first = await until_disconnect(request, anext(chunks))
-        except BaseException as exc:
-            await _release(job, chunks)
-            if isinstance(exc, ClientGone):
-                return JSONResponse({"error": None}, status_code=CLIENT_CLOSED)
-            raise
-
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                yield first
-                async for chunk in chunks:
-                    yield chunk
-            finally:
-                await _release(job, chunks)
-
-        headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
-
-    async def _completion_result(self, job: _Job) -> dict[str, Any]:
-        logprobs: list[dict[str, Any] | None] = []
-        for choice in job.choices:
-            if not job.with_logprobs:
-                logprobs.append(None)
-                continue
-            acc = CompletionLogprobs()
-            size = sum(len(p.token_ids) for p in choice.pieces)
-            await _maybe_offload(size, _add_all, acc, choice, job.names)
-            logprobs.append(acc.as_dict())
-        return completion_body(job.response_id, job.created, job.model, job.choices, logprobs)
-
-    async def _chat_result(self, job: _Job) -> dict[str, Any]:
-        names = job.names
-        logprobs = [
-            [entry for p in c.pieces for entry in chat_logprob_content(p, names)] if job.with_logprobs else None
-            for c in job.choices
-        ]
-        return chat_body(job.response_id, job.created, job.model, job.choices, logprobs)
-
-    async def _completion_events(self, job: _Job, include_usage: bool) -> AsyncIterator[bytes]:
-        names = job.names
-        accs = [CompletionLogprobs() for _ in job.choices]
-        extra = {"usage": None} if include_usage else {}
-        started = False
-        events = merge(job.submissions)
-        try:
-            async for index, delta in events:
-                piece = job.choices[index].feed(delta, job.with_logprobs)
-                if not piece.text and not piece.token_ids and piece.finish_reason is None:
-                    continue
-                logprobs = accs[index].add(piece, names) if job.with_logprobs else None
-                started = True
-                yield sse(completion_chunk(job.response_id, job.created, job.model, index, piece, logprobs, **extra))
-        except LoraplexError as exc:
-            if not started:
-                raise  # nothing sent yet: the caller answers with the error's HTTP status
-            yield _stream_error(exc)
-        else:
-            if include_usage:
-                yield sse(usage_chunk(job.response_id, job.created, job.model, "text_completion", job.choices))
-        finally:
-            await _close(events)
-        yield sse("[DONE]")
-
-    async def _chat_events(self, job: _Job, include_usage: bool) -> AsyncIterator[bytes]:
-        names = job.names
-        extra = {"usage": None} if include_usage else {}
-        rid, created, model = job.response_id, job.created, job.model
-        started = False
-        events = merge(job.submissions)
-        try:
-            async for index, delta in events:
-                piece = job.choices[index].feed(delta, job.with_logprobs)
-                if not started:  # the role chunk waits for the first delta, so early failures keep their status
-                    started = True
-                    yield sse(chat_chunk(rid, created, model, 0, {"role": "assistant", "content": ""}, None, **extra))
-                logprobs = chat_logprob_content(piece, names) if job.with_logprobs else None
-                if piece.text or piece.token_ids:
-                    content = {"content": piece.text} if piece.text else {}
-                    yield sse(chat_chunk(rid, created, model, index, content, None, logprobs, **extra))
-                if piece.finish_reason is not None:
-                    yield sse(chat_chunk(rid, created, model, index, {}, piece.finish_reason, **extra))
-        except LoraplexError as exc:
-            if not started:
-                raise
-            yield _stream_error(exc)
-        else:
-            if include_usage:
-                yield sse(usage_chunk(rid, created, model, "chat.completion.chunk", job.choices))
-        finally:
-            await _close(events)
-        yield sse("[DONE]")
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------
@@ -401,113 +268,3 @@ async def _counted(rt: EngineRuntime, plan: Awaitable[T]) -> T:
 
 def _encode(rt: EngineRuntime, text: str, add_special_tokens: bool) -> list[int]:
     return list(rt.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
-
-
-def _add_all(acc: CompletionLogprobs, choice: ChoiceState, names: TokenNames) -> None:
-    for piece in choice.pieces:
-        acc.add(piece, names)
-
-
-async def _maybe_offload(size: int, fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn`` here when small, in a worker thread when ``size`` (characters or tokens) is large."""
-    if size > OFFLOAD_CHARS:
-        return await asyncio.to_thread(fn, *args)
-    return fn(*args)
-
-
-async def _drain(events: AsyncIterator[tuple[int, Delta]], job: _Job) -> None:
-    async for index, delta in events:
-        job.choices[index].feed(delta, job.with_logprobs)
-
-
-def _stream_error(exc: LoraplexError) -> bytes:
-    """A failure after the stream started: one ``data: {"error": …}`` event (then ``[DONE]``), as vLLM does."""
-    return sse(http_error(exc, request_id_var.get())[1])
-
-
-async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
-    """Await ``awaitable`` in its own task; if the client disconnects first, cancel it and raise ``ClientGone``.
-
-    The watcher reads the ASGI receive channel (the body was already read), which yields ``http.disconnect``
-    when the connection drops; nothing polls.
-    """
-    work: asyncio.Future[T] = asyncio.ensure_future(awaitable)
-
-    async def watch() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        racing: list[asyncio.Future[Any]] = [work, watcher]
-        await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
-        if work.done():
-            return work.result()
-        work.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await work
-        raise ClientGone()
-    finally:
-        watcher.cancel()
-        if not work.done():
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await work
-
-
-async def merge(submissions: Sequence[Submission]) -> AsyncIterator[tuple[int, Delta]]:
-    """Every submission's deltas as ``(index, delta)`` in arrival order; closing this aborts what is unfinished."""
-    if len(submissions) == 1:
-        deltas = submissions[0].deltas
-        try:
-            async for delta in deltas:
-                yield 0, delta
-        finally:
-            await _close(deltas)
-        return
-    queue: asyncio.Queue[tuple[int, Delta | BaseException | None]] = asyncio.Queue()
-
-    async def pump(index: int, deltas: AsyncIterator[Delta]) -> None:
-        try:
-            async for delta in deltas:
-                queue.put_nowait((index, delta))
-            queue.put_nowait((index, None))
-        except Exception as exc:
-            queue.put_nowait((index, exc))
-        finally:
-            await _close(deltas)
-
-    tasks = [asyncio.ensure_future(pump(i, s.deltas)) for i, s in enumerate(submissions)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _release(job: _Job, stream: AsyncIterator[Any]) -> None:
-    """Abort what did not finish (synchronously first: a cancelled task may not get to await) and close."""
-    for submission, choice in zip(job.submissions, job.choices, strict=True):
-        if choice.finish_reason is None:
-            job.runtime.engine.abort(submission.request_id)
-    await _close(stream)
-    for submission in job.submissions:
-        await _close(submission.deltas)
-
-
-async def _close(iterator: AsyncIterator[Any]) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        with contextlib.suppress(Exception):
-            await aclose()
