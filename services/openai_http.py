@@ -17,7 +17,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import uvicorn
@@ -31,12 +31,13 @@ from loraplex.registry.errors import FailedPrecondition, InvalidArgument, Lorapl
 from loraplex.services.auth import TokenAuthority, principal_var, token_var
 from loraplex.services.errors import http_error
 from loraplex.services.logs import new_request_id, request_id_var
-from loraplex.services.server import check_exposure
+from loraplex.services.server import MAX_MESSAGE_BYTES, check_exposure
 
 log = logging.getLogger("loraplex.http")
 
 PUBLIC_PATHS = frozenset({"/health"})  # probes work without a token, like gRPC health
 MAX_REQUEST_ID = 128
+MAX_BODY_BYTES = MAX_MESSAGE_BYTES  # the same cap as a gRPC message
 
 
 def error_response(exc: BaseException, param: str | None = None) -> JSONResponse:
@@ -67,8 +68,7 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code == 404:
             return error_response(NotFound(f"no route {request.method} {request.url.path}"))
-        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None}}
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        return plain_error(exc.status_code, str(exc.detail), exc.headers)
 
     app.add_exception_handler(LoraplexError, domain)
     app.add_exception_handler(RequestValidationError, validation)
@@ -105,7 +105,16 @@ class RequestContext:
                 except Unauthenticated as exc:
                     await error_response(exc)(scope, receive, send_with_id)
                     return
-            await self.app(scope, receive, send_with_id)
+            declared = next((v for k, v in headers if k == "content-length"), "0")
+            if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+                await _too_large()(scope, receive, send_with_id)
+                return
+            try:
+                await self.app(scope, _limited(receive), send_with_id)
+            except Exception as exc:  # a bug: INTERNAL with the request id, traceback logged, details not sent
+                if status_box[0]:
+                    raise  # the response already started; the server closes the connection
+                await error_response(exc)(scope, receive, send_with_id)
         finally:
             log.info(
                 "http done",
@@ -125,6 +134,31 @@ class RequestContext:
         authorization = values[0] if values else None
         principal_var.set(self.authority.authenticate(authorization))
         token_var.set(authorization.partition(" ")[2].strip() if authorization else "")
+
+
+def plain_error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """An OpenAI error body for HTTP-level failures (wrong method, body too large) outside the domain table."""
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "INVALID_ARGUMENT"}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _too_large() -> JSONResponse:
+    return plain_error(413, f"request body over {MAX_BODY_BYTES} bytes")
+
+
+def _limited(receive: Receive) -> Receive:
+    """``receive`` that refuses (413) a body growing past ``MAX_BODY_BYTES`` without a Content-Length to check."""
+    seen = [0]
+
+    async def wrapped() -> Message:
+        message = await receive()
+        if message["type"] == "http.request":
+            seen[0] += len(message.get("body", b""))
+            if seen[0] > MAX_BODY_BYTES:
+                raise StarletteHTTPException(413, f"request body over {MAX_BODY_BYTES} bytes")
+        return message
+
+    return wrapped
 
 
 def _request_id(headers: list[tuple[str, str]]) -> str:
@@ -183,8 +217,13 @@ class HttpServer:
             return
         self._server.config.timeout_graceful_shutdown = max(1, round(grace))
         self._server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
+        try:
             await asyncio.wait_for(asyncio.shield(self._task), timeout=grace + 5.0)
+        except TimeoutError:
+            log.error("HTTP server did not stop in time; cancelling it")
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 def bind(listen: str) -> socket.socket:

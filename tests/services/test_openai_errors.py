@@ -7,6 +7,7 @@ a model folder without a chat template.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import openai
 import pytest
 import pytest_asyncio
 
+from loraplex.services import openai_http
 from loraplex.services.auth import TokenAuthority
 from loraplex.services.openai_api import build_app
 from loraplex.services.openai_http import HttpServer
@@ -232,3 +234,40 @@ async def test_a_client_leaving_a_whole_response_aborts_it_and_frees_memory(serv
             await call
     await settled(served, served.pushed["qv-r4"])
     assert counted(served, "CANCELLED") == before + 1
+
+
+# ---- HTTP-level limits and bugs --------------------------------------------------------------------------------
+async def test_bodies_over_the_limit_are_413(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(openai_http, "MAX_BODY_BYTES", 1000)
+    body = {"model": BASE_MODEL, "prompt": "x" * 2000}
+
+    async def chunked() -> AsyncIterator[bytes]:
+        payload = json.dumps(body).encode()
+        for i in range(0, len(payload), 500):
+            yield payload[i : i + 500]
+
+    async with httpx.AsyncClient(base_url=served.base_url, timeout=30) as http:
+        declared = await http.post("/v1/completions", json=body, headers=auth())
+        streamed = await http.post(
+            "/v1/completions", content=chunked(), headers={**auth(), "content-type": "application/json"}
+        )
+    for response in (declared, streamed):
+        assert response.status_code == 413 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_a_bug_is_a_500_that_reveals_nothing(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = served.app.servicer.runtime
+    assert runtime is not None
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(runtime.frontend, "submit", broken)
+    async with httpx.AsyncClient(base_url=served.base_url, timeout=30) as http:
+        response = await http.post(
+            "/v1/completions", json={"model": BASE_MODEL, "prompt": "x"}, headers={**auth(), "x-request-id": "bug-1"}
+        )
+    error = response.json()["error"]
+    assert response.status_code == 500 and error["code"] == "INTERNAL" and error["type"] == "server_error"
+    assert "secret" not in response.text, response.text
+    assert "bug-1" in error["message"] and response.headers["x-request-id"] == "bug-1"
