@@ -12,8 +12,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from loraplex.engine.request import Delta
 from loraplex.registry.errors import LoraplexError
@@ -85,7 +87,22 @@ async def streamed(request: Request, job: Job, chunks: AsyncIterator[bytes]) -> 
             await release(job, chunks)
 
     headers = {"cache-control": "no-cache", "x-accel-buffering": "no"}
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+    return _ClosingStream(body(), media_type="text/event-stream", headers=headers)
+
+
+class _ClosingStream(StreamingResponse):
+    """A streaming response that always closes its body, so ``release`` runs as soon as the client is gone.
+
+    Starlette cancels the sending task on disconnect; if that happens while the body generator is suspended at a
+    ``yield``, the generator would otherwise stay open until garbage collection — and its request keep running.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await close_quietly(self.body_iterator)
 
 
 async def completion_result(job: Job) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -95,7 +95,7 @@ async def merge(submissions: Sequence[Submission]) -> AsyncIterator[tuple[int, D
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def close_quietly(iterator: AsyncIterator[Any]) -> None:
+async def close_quietly(iterator: AsyncIterable[Any]) -> None:
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:
         with contextlib.suppress(Exception):
