@@ -119,7 +119,7 @@ class Workload:
             )
         )
         for name, path in self.adapters.items():
-            core.host.add(name, HostAdapter.from_peft_dir(path, core.loaded.spec, 64))
+            core.residency.add(name, HostAdapter.from_peft_dir(path, core.loaded.spec, 64))
         return core
 
     def engine(self, lora: bool, into: list[Rate], core: EngineCore | None = None) -> None:

@@ -13,6 +13,7 @@ from loraplex.registry.errors import InvalidArgument
 
 _DEVICES = ("cpu", "cuda")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_POOL_ADAPTERS = 16  # adapters of max_lora_rank the default device pool holds
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,9 @@ class EngineConfig:
     KV budget: give ``kv_cache_blocks`` or ``kv_cache_bytes`` (not both); with neither, the engine reserves
     enough blocks for ``max_num_seqs`` sequences of ``min(max_model_len, 2048)`` tokens.
     Adapter budget: ``gpu_adapter_rows`` (rank-rows per (layer, module) buffer) or ``gpu_adapter_bytes``
-    (all pool buffers together); with neither, every slot can hold an adapter of ``max_lora_rank``.
+    (all pool buffers together); with neither, the pool holds ``DEFAULT_POOL_ADAPTERS`` adapters of
+    ``max_lora_rank`` (more of smaller ranks). Slots (``max_adapters_per_step``) default high so that bytes, not
+    slots, bound how many distinct adapters a batch holds.
     """
 
     model_dir: Path | str
@@ -33,13 +36,16 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
-    max_adapters_per_step: int = 16
+    max_adapters_per_step: int = 256
     max_lora_rank: int = 64
     gpu_adapter_rows: int | None = None
     gpu_adapter_bytes: int | None = None
     max_queue: int = 1024
     max_model_len: int | None = None
     lora_embeddings: bool = True
+    host_adapter_bytes: int = 2 * 1024**3  # host tier budget (LRU; pinned and busy adapters stay)
+    tenant_weights: tuple[tuple[str, float], ...] = ()  # fair-share weight per tenant (others: 1)
+    max_wait_s: float = 10.0  # a request waiting longer is admitted before fairness/affinity order
 
     def validate(self) -> None:
         """Raise ``InvalidArgument`` naming the first bad field."""
@@ -54,6 +60,8 @@ class EngineConfig:
             "max_adapters_per_step": self.max_adapters_per_step,
             "max_lora_rank": self.max_lora_rank,
             "max_queue": self.max_queue,
+            "host_adapter_bytes": self.host_adapter_bytes,
+            "max_wait_s": self.max_wait_s,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -77,5 +85,8 @@ class EngineConfig:
                 f"gpu_adapter_rows ({self.gpu_adapter_rows}) must hold at least one adapter of "
                 f"max_lora_rank ({self.max_lora_rank})"
             )
+        for tenant, weight in self.tenant_weights:
+            if not tenant or not weight > 0 or weight == float("inf"):
+                raise InvalidArgument(f"tenant weight of {tenant!r} must be a positive finite number, got {weight}")
         if not str(self.model_dir):
             raise InvalidArgument("model_dir is required")

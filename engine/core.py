@@ -1,6 +1,6 @@
-"""``EngineCore``: the synchronous engine (scheduler + runner + pools) that one thread drives step by step.
+"""``EngineCore``: the synchronous engine (scheduler + runner + residency) that one thread drives step by step.
 
-Why synchronous and separate from ``LLMEngine``: every mutation of sequences, KV blocks and the adapter pool
+Why synchronous and separate from ``LLMEngine``: every mutation of sequences, KV blocks and adapter residency
 happens here, on one thread, with no locks inside a step; the async wrapper only queues commands and relays
 events. Tests drive this class directly to control exactly which step a request joins.
 """
@@ -8,15 +8,17 @@ events. Tests drive this class directly to control exactly which step a request 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
-from loraplex.engine.adapters.host_cache import HostTier
 from loraplex.engine.adapters.pool import AdapterPool, bytes_per_row
-from loraplex.engine.config import EngineConfig
+from loraplex.engine.adapters.residency import AdapterResidency
+from loraplex.engine.config import DEFAULT_POOL_ADAPTERS, EngineConfig
+from loraplex.engine.fairness import FairQueue
 from loraplex.engine.kv_cache import BlockManager, allocate_kv_caches, blocks_for, bytes_per_block
 from loraplex.engine.model.build import LoadedModel, load_model
 from loraplex.engine.model.errors import ModelLoadError
@@ -27,7 +29,7 @@ from loraplex.engine.runner import ModelRunner
 from loraplex.engine.sampling import make_generator, prompt_logprobs, sample
 from loraplex.engine.scheduler import Event, PromptScores, ScheduledBatch, Scheduler, SchedulerLimits
 from loraplex.engine.sequence import Sequence
-from loraplex.engine.stats import EngineStats
+from loraplex.engine.stats import EngineStats, empty_stats
 from loraplex.registry.errors import InvalidArgument
 
 _DEFAULT_KV_TOKENS_PER_SEQ = 2048
@@ -56,14 +58,13 @@ def _pool_rows(config: EngineConfig, loaded: LoadedModel) -> int:
     if config.gpu_adapter_bytes is not None:
         element = torch.empty((), dtype=loaded.dtype).element_size()
         return config.gpu_adapter_bytes // bytes_per_row(loaded.spec, config.lora_embeddings, element)
-    return config.max_lora_rank * config.max_adapters_per_step
+    return config.max_lora_rank * DEFAULT_POOL_ADAPTERS
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel, host: HostTier) -> None:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
         self.config = config
         self.loaded = loaded
-        self.host = host
         self.device = torch.device(config.device)
         self.max_model_len = loaded.max_model_len
         num_blocks = _num_kv_blocks(config, loaded)
@@ -81,20 +82,26 @@ class EngineCore:
             dtype=loaded.dtype,
             embeddings=config.lora_embeddings,
         )
+        self.residency = AdapterResidency(self.pool, config.host_adapter_bytes)
         apply_lora_transform(loaded.model, self.pool)
         self.blocks = BlockManager(num_blocks, config.block_size)
         kv = allocate_kv_caches(loaded.args, num_blocks, config.block_size, self.device, loaded.dtype)
         self.runner = ModelRunner(loaded.model, kv, config.block_size, self.device)
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, config.max_adapters_per_step)
-        self.scheduler = Scheduler(limits, self.blocks, self.pool, host.get, self._on_finished)
+        queue = FairQueue(dict(config.tenant_weights), config.max_wait_s)
+        self.scheduler = Scheduler(limits, self.blocks, self.residency, queue, self._on_finished)
         self.last_step = StepRecord()
+        # Called (on the step thread) when a request names an adapter that is not host-resident, so the owner of
+        # fetching can start (or join) its download; requests wait for it without blocking others.
+        self.on_adapter_missing: Callable[[str], None] = lambda key: None
+        self._stats_cache: tuple[int, EngineStats] = (-1, empty_stats())
 
     @classmethod
-    def load(cls, config: EngineConfig, host: HostTier | None = None) -> EngineCore:
+    def load(cls, config: EngineConfig) -> EngineCore:
         config.validate()
         device = torch.device(config.device)
         loaded = load_model(Path(config.model_dir), config.dtype, device, config.max_model_len)
-        return cls(config, loaded, host or HostTier())
+        return cls(config, loaded)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -118,11 +125,7 @@ class EngineCore:
         request.params.validate(vocab)
 
     def prepare(self, request: GenerationRequest, arrival: float | None = None) -> Sequence:
-        """Validate and build the request's ``Sequence``; safe from any thread (touches no step state).
-
-        Counts the request as a user of its adapter key at once, so the adapter cannot be removed from the host
-        tier between submission and admission.
-        """
+        """Validate and build the request's ``Sequence``; safe from any thread (touches no step state)."""
         self.validate(request)
         output = OutputState(
             self.tokenizer,
@@ -137,12 +140,18 @@ class EngineCore:
             generator=make_generator(request.params, self.device),
             output=output,
         )
-        if request.adapter_key is not None:
-            self.host.add_user(request.adapter_key)
         return seq
 
     def add(self, seq: Sequence) -> None:
-        """Queue a prepared sequence (step thread only); it waits until its adapter is in the host tier."""
+        """Queue a prepared sequence (step thread only); it waits until its adapter is in the host tier.
+
+        It counts as a user of its adapter from now on, so the adapter cannot leave the host tier under it.
+        """
+        key = seq.adapter_key
+        if key is not None:
+            self.residency.add_user(key)
+            if not self.residency.has(key):
+                self.on_adapter_missing(key)
         self.scheduler.add(seq)
 
     def add_request(self, request: GenerationRequest, arrival: float | None = None) -> None:
@@ -155,17 +164,16 @@ class EngineCore:
     def fail_adapter(self, key: str, error: BaseException) -> list[Event]:
         return self.scheduler.fail_adapter(key, error)
 
-    def evict_adapter(self, key: str) -> None:
-        """Drop an unreferenced resident from the device pool (after it left the host tier)."""
-        if self.pool.refcount(key) == 0:
-            self.pool.evict(key)
-
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
     def _on_finished(self, seq: Sequence) -> None:
         if seq.adapter_key is not None:
-            self.host.drop_user(seq.adapter_key)
+            self.residency.drop_user(seq.adapter_key)
+
+    def expire(self) -> list[Event]:
+        """Requests past their time limit end now (before the step, so a failing step cannot lose them)."""
+        return self.scheduler.expire()
 
     # ---- the step ------------------------------------------------------------------------------------------
     def step(self) -> list[Event]:
@@ -221,14 +229,29 @@ class EngineCore:
         return rows.index_select(0, index), scores
 
     def stats(self) -> EngineStats:
-        return EngineStats(
+        """An immutable snapshot (step thread only; ``LLMEngine`` publishes one after every step).
+
+        The residency part is rebuilt only when residency changed since the last snapshot.
+        """
+        version, cached = self._stats_cache
+        residents = cached.residents if version == self.residency.version else self.residency.snapshot()
+        running_names, waiting_names = self.scheduler.adapter_names()
+        stats = EngineStats(
             kv_blocks_free=self.blocks.num_free,
             kv_blocks_total=self.blocks.num_blocks,
+            block_size=self.config.block_size,
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             resident_adapters=tuple(self.pool.residents()),
+            residents=residents,
             pool_slots=self.pool.num_slots,
             pool_rows=self.pool.num_rows,
-            host_adapters=self.host.snapshot(),
+            host_bytes=sum(r.nbytes for r in residents),
+            host_budget_bytes=self.residency.host_budget,
             num_preemptions=self.scheduler.num_preemptions,
+            running_adapter_names=running_names,
+            waiting_adapter_names=waiting_names,
+            max_adapters_per_step=self.config.max_adapters_per_step,
         )
+        self._stats_cache = (self.residency.version, stats)
+        return stats

@@ -1,43 +1,56 @@
 """``LLMEngine``: the async API over ``EngineCore``, with the step loop on its own thread.
 
-Threading model: the step thread alone touches the core's mutable state. API calls from the event loop
-enqueue commands (submit, abort, fail, evict) and wake the thread; results flow back per request through an
-``asyncio.Queue`` fed with ``loop.call_soon_threadsafe``. ``stats()`` takes the core lock, which the step
-thread holds only while processing commands or running a step. No I/O ever happens inside a step.
+Threading model: the step thread alone touches the core's mutable state (sequences, KV blocks, adapter
+residency). API calls from the event loop enqueue commands (submit, abort, add/evict/pin adapters) and wake the
+thread; a command that answers returns an ``asyncio.Future`` resolved from the thread. Results flow back per
+request through an ``asyncio.Queue`` fed with ``loop.call_soon_threadsafe``. After every loop iteration the
+thread publishes an immutable ``EngineStats`` and the set of host-resident adapter keys: ``stats()`` and
+``has_adapter()`` read those without any lock, so no RPC or metrics scrape ever waits for a forward pass.
+No I/O ever happens inside a step.
 
 The step loop itself::
 
     while running:
         drain commands
-        events = core.step()            # schedule → run → sample → postprocess
-        deliver events to their streams
+        events = core.expire() + core.step()    # time limits first, then schedule → run → sample → postprocess
+        deliver events to their streams; publish stats
         if nothing was scheduled: sleep until woken (or a short tick, for time limits)
+
+Draining (SIGTERM): ``drain`` stops admission (new requests get UNAVAILABLE ``SHUTTING_DOWN``), waits up to its
+deadline for the requests in flight, then ends the rest with the same typed error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from tokenizers import Tokenizer
 
 from loraplex.engine.adapters.host import HostAdapter
+from loraplex.engine.adapters.residency import AdapterInfo, ResidentView
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.core import EngineCore
 from loraplex.engine.request import Delta, GenerationRequest
 from loraplex.engine.scheduler import Event, Failure
 from loraplex.engine.sequence import Sequence
-from loraplex.engine.stats import EngineStats
+from loraplex.engine.stats import EngineStats, empty_stats
 from loraplex.registry.errors import AlreadyExists, QueueFull, Unavailable
 from loraplex.registry.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 _IDLE_TICK_S = 0.02
+_STATS_PERIOD_S = 0.01
+T = TypeVar("T")
 
 
 @dataclass
@@ -52,16 +65,36 @@ class _Stream:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]
+
+
+def shutting_down() -> Unavailable:
+    return Unavailable("the engine is shutting down; retry on another replica", reason="SHUTTING_DOWN")
+
+
 class LLMEngine:
     def __init__(self, core: EngineCore) -> None:
         self._core = core
-        self._lock = threading.Lock()  # guards the core against stats() while the step thread works
         self._commands: deque[Callable[[], list[Event]]] = deque()
         self._wake = threading.Event()
         self._streams_lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._draining = False
+        self._stats = empty_stats()
+        self._host_keys: frozenset[str] = frozenset()
+        self._host_version = -1
+        self._published_at = 0.0
+        self._missing: Callable[[str], None] = lambda key: None
+        core.on_adapter_missing = self._adapter_missing
+        self._publish()
 
     @classmethod
     def load(cls, config: EngineConfig) -> LLMEngine:
@@ -96,38 +129,87 @@ class LLMEngine:
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine-step", daemon=True)
         self._thread.start()
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop admitting; wait up to ``timeout_s`` for requests in flight; end the rest (SHUTTING_DOWN).
+
+        Returns how many requests had to be ended.
+        """
+        self._draining = True
+        deadline = asyncio.get_running_loop().time() + max(0.0, timeout_s)
+        while self.num_in_flight() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        with self._streams_lock:
+            left = list(self._streams)
+        for request_id in left:
+            self._command(functools.partial(self._end_with, request_id, shutting_down()))
+        return len(left)
+
+    def _end_with(self, request_id: str, error: BaseException) -> list[Event]:
+        self._core.abort(request_id)  # frees blocks and adapter; the CANCELLED delta is replaced by the error
+        return [Failure(request_id, error)]
+
+    def num_in_flight(self) -> int:
+        with self._streams_lock:
+            return len(self._streams)
+
     async def shutdown(self) -> None:
-        """Stop the step thread; requests still in flight end with ``Unavailable``."""
+        """Stop the step thread; requests still in flight end with UNAVAILABLE ``SHUTTING_DOWN``."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
+        self._draining = True
         self._stopping = True
         self._wake.set()
         await asyncio.to_thread(thread.join)
         with self._streams_lock:
             streams, self._streams = self._streams, {}
         for stream in streams.values():
-            stream.push(Unavailable("engine is shutting down"))
+            stream.push(shutting_down())
 
-    # ---- adapters ------------------------------------------------------------------------------------------
-    def add_adapter(self, key: str, adapter: HostAdapter) -> None:
-        """Put a parsed adapter in the host tier; requests waiting for ``key`` become schedulable."""
-        self._core.pool.check_compatible(adapter)
-        self._core.host.add(key, adapter)
-        self._wake.set()
+    # ---- adapters (the residency lives on the step thread; these are commands) -------------------------------
+    def on_adapter_missing(self, callback: Callable[[str], None]) -> None:
+        """``callback(key)`` runs on the step thread when a request names a key not in the host tier."""
+        self._missing = callback
+
+    def _adapter_missing(self, key: str) -> None:
+        self._missing(key)
+
+    def add_adapter(
+        self, key: str, adapter: HostAdapter, info: AdapterInfo | None = None
+    ) -> asyncio.Future[list[str]]:
+        """Put a parsed adapter in the host tier; requests waiting for ``key`` become schedulable.
+
+        The future gives the keys evicted from the host tier to make room, or fails with the typed error (e.g.
+        ``HOST_CACHE_FULL``), and then the requests waiting for ``key`` fail with it too.
+        """
+
+        def add() -> list[str]:
+            try:
+                return self._core.residency.add(key, adapter, info)
+            except Exception as exc:
+                self._commands.appendleft(functools.partial(self._core.fail_adapter, key, exc))
+                raise
+
+        return self._ask(add)
 
     def has_adapter(self, key: str) -> bool:
-        return self._core.host.has(key)
+        """Host-resident as of the last published snapshot (lock-free)."""
+        return key in self._host_keys
 
-    def remove_adapter(self, key: str) -> None:
-        """Drop ``key`` from the host tier (and the device pool); ``FailedPrecondition`` while requests use it."""
-        self._core.host.remove(key)
-        self._command(lambda: self._evict(key))
+    def evict_adapter(self, key: str) -> asyncio.Future[bool]:
+        """Drop ``key`` from every tier: False if absent; ``FailedPrecondition`` while requests use it."""
+        return self._ask(lambda: self._core.residency.remove(key))
 
-    def _evict(self, key: str) -> list[Event]:
-        if not self._core.host.has(key):
-            self._core.evict_adapter(key)
-        return []
+    def pin_adapter(self, key: str, pinned: bool) -> asyncio.Future[None]:
+        return self._ask(lambda: self._core.residency.pin(key, pinned))
+
+    def resident(self, key: str) -> asyncio.Future[ResidentView | None]:
+        """A fresh view of one adapter, read on the step thread (for admin answers that must not be stale)."""
+        return self._ask(lambda: self._core.residency.view(key))
 
     def fail_adapter(self, key: str, exc: BaseException) -> None:
         """The fetcher could not produce ``key``: fail every request waiting for it with ``exc``."""
@@ -141,8 +223,8 @@ class LLMEngine:
         """
         loop = asyncio.get_running_loop()
         with self._streams_lock:
-            if self._stopping:
-                raise Unavailable("engine is shutting down")
+            if self._stopping or self._draining:
+                raise shutting_down()
             if request.request_id in self._streams:
                 raise AlreadyExists(f"request {request.request_id!r} is already in flight")
             if len(self._streams) >= self._core.config.max_queue:
@@ -179,23 +261,63 @@ class LLMEngine:
         self._command(lambda: self._core.abort(request_id))
 
     def stats(self) -> EngineStats:
-        with self._lock:
-            return self._core.stats()
+        """The snapshot published after the last step (lock-free; never waits for a forward pass)."""
+        return self._stats
 
     # ---- the step thread -----------------------------------------------------------------------------------
     def _command(self, fn: Callable[[], list[Event]]) -> None:
         self._commands.append(fn)
         self._wake.set()
 
+    def _ask(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``fn`` on the step thread; its result or exception comes back through the returned future."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def settle(outcome: Callable[[], None]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop already closed: nobody is waiting
+                loop.call_soon_threadsafe(outcome)
+
+        def run() -> list[Event]:
+            try:
+                result = fn()
+                self._publish_host_keys()  # an answered command's effect is visible to has_adapter() at once
+            except Exception as exc:
+                settle(functools.partial(_settle, future, None, exc))
+            else:
+                settle(functools.partial(_settle, future, result, None))
+            return []
+
+        self._command(run)
+        return future
+
     def _loop(self) -> None:
         while not self._stopping:
             self._wake.clear()
-            with self._lock:
-                events = self._drain()
-                scheduled = self._step(events)
+            events = self._drain()
+            events.extend(self._core.expire())
+            scheduled = self._step(events)
+            self._publish(force=not scheduled)  # before delivering: a client that saw its delta sees the step too
             self._deliver(events)
             if not scheduled:
                 self._wake.wait(_IDLE_TICK_S if self._core.has_work() else None)
+
+    def _publish(self, force: bool = True) -> None:
+        """Replace the published snapshots (a reference swap: readers on other threads never see a torn one).
+
+        The host-key set follows every change; the full stats at most every ``_STATS_PERIOD_S`` while busy (and
+        at once when idle), so a fast GPU step does not pay for a snapshot each time.
+        """
+        self._publish_host_keys()
+        now = time.monotonic()
+        if force or now - self._published_at >= _STATS_PERIOD_S:
+            self._stats = dataclasses.replace(self._core.stats(), created=time.time())
+            self._published_at = now
+
+    def _publish_host_keys(self) -> None:
+        residency = self._core.residency
+        if residency.host_version != self._host_version:
+            self._host_keys, self._host_version = residency.keys(), residency.host_version
 
     def _drain(self) -> list[Event]:
         events: list[Event] = []
@@ -212,9 +334,9 @@ class LLMEngine:
             return False
         try:
             step_events = self._core.step()
-        except Exception as exc:  # a bug or device error must not strand every waiting client
+        except Exception:  # a bug or device error must not strand every waiting client
             log.exception("engine step failed")
-            error = Unavailable(f"engine step failed: {exc}")
+            error = Unavailable("engine step failed; retry the request", reason="STEP_FAILED")
             for seq in [*self._core.scheduler.running]:
                 self._core.abort(seq.request_id)  # frees its blocks and adapter; the client gets the error
                 events.append(Failure(seq.request_id, error))

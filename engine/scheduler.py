@@ -1,28 +1,33 @@
 """Continuous-batching scheduler: which sequences run this step, with how many tokens, and what they produced.
 
 Policy (one step):
-  1. Running sequences first, oldest first: each gets its pending tokens (1 for decode, a chunk for a prompt)
-     within the token budget. If KV blocks run out, the NEWEST running sequence is preempted (blocks freed,
-     adapter released, requeued at the front to be recomputed) until the older one fits.
-  2. Then waiting sequences in arrival order while sequences, tokens and blocks allow. A sequence whose adapter
-     is not in the host tier yet is skipped (others go on); one whose adapter cannot get a pool slot now is
-     skipped too. A sequence that cannot get KV blocks stops admission (first come, first served).
-Every capacity check (``can_allocate``, ``can_acquire``) happens before the matching commit.
+  1. Running sequences first, highest priority then oldest first: each gets its pending tokens (1 for decode, a
+     chunk for a prompt) within the token budget. If KV blocks run out, the running sequence with the lowest
+     priority and the latest arrival is preempted (blocks freed, adapter released, requeued with its arrival, so
+     it goes back in front of its tenant's queue to be recomputed) until the other one fits.
+  2. Then waiting sequences in the ``FairQueue``'s order (aged first, then priority, then the least-served
+     tenant, FCFS within a tenant). A sequence whose adapter is not in the host tier yet, or cannot get device
+     rows or a slot now, is skipped (others go on: adapter-aware packing); but once an *aged* sequence is blocked
+     on the device, only its adapter (and base-model requests) are admitted until it runs, so busy adapters
+     drain and it cannot starve. A sequence that cannot get KV blocks stops admission.
+  3. Every token scheduled is charged to its tenant's virtual counter (fair share by served tokens).
+Every capacity check (``can_allocate``, ``can_acquire``) happens before the matching commit. An adapter whose
+device load fails fails its own requests with the typed error and is dropped; the rest of the step goes on.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loraplex.engine.adapters.host import HostAdapter
-from loraplex.engine.adapters.pool import AdapterPool
+from loraplex.engine.adapters.residency import AdapterResidency
+from loraplex.engine.fairness import FairQueue
 from loraplex.engine.kv_cache import BlockManager
 from loraplex.engine.request import Delta, FinishReason, Usage
 from loraplex.engine.sampling import SampleOutput
 from loraplex.engine.sequence import Sequence, SequenceStatus
+from loraplex.registry.errors import LoraplexError
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ PromptScores = dict[Sequence, tuple[list[float], list[list[tuple[int, float]]]]]
 @dataclass
 class ScheduledBatch:
     items: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens to run this step)
-    events: list[Event] = field(default_factory=list)  # requests that ended without running (time limits)
+    events: list[Event] = field(default_factory=list)  # requests that ended without running (broken adapters)
     # Sequences whose chunk reaches their last token: they sample one token, in this order. Fixed at schedule
     # time because postprocess advances ``num_computed``.
     sampled: list[Sequence] = field(default_factory=list)
@@ -57,30 +62,35 @@ class SchedulerLimits:
     max_adapters_per_step: int
 
 
+def _keep_order(seq: Sequence) -> tuple[int, float]:
+    """Running sequences in the order they keep their place: higher priority, then earlier arrival first."""
+    return (-seq.request.priority, seq.arrival)
+
+
 class Scheduler:
     def __init__(
         self,
         limits: SchedulerLimits,
         blocks: BlockManager,
-        pool: AdapterPool,
-        host_adapter: Callable[[str], HostAdapter | None],
+        residency: AdapterResidency,
+        queue: FairQueue | None = None,
         on_finished: Callable[[Sequence], None] = lambda seq: None,
     ) -> None:
         self.limits = limits
         self.blocks = blocks
-        self.pool = pool
-        self._host_adapter = host_adapter
+        self.residency = residency
+        self.waiting = queue if queue is not None else FairQueue()
         self._on_finished = on_finished
-        self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # total since start, for stats and tests
+        residency.set_wanted(self.waiting.wants)
 
     # ---- admission / removal -------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self.waiting.push(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(len(self.waiting) or self.running)
 
     def abort(self, request_id: str) -> Delta | None:
         """End a request wherever it is; None if unknown or already finished (abort is idempotent)."""
@@ -91,25 +101,35 @@ class Scheduler:
         return None
 
     def fail_adapter(self, key: str, error: BaseException) -> list[Event]:
-        """Fail every waiting request of ``key`` (its fetch failed); running ones already hold the adapter."""
-        failed = [seq for seq in self.waiting if seq.adapter_key == key and seq.status is SequenceStatus.WAITING]
+        """Fail every waiting request of ``key`` (its fetch or load failed); running ones already hold it."""
         events: list[Event] = []
-        for seq in failed:
+        for seq in [s for s in self.waiting if s.adapter_key == key]:
             self._finish(seq, FinishReason.CANCELLED)
             events.append(Failure(seq.request_id, error))
         return events
 
+    def expire(self, now: float | None = None) -> list[Event]:
+        """End every request past its time limit (called before a step, so its deltas survive a failing step)."""
+        now = time.monotonic() if now is None else now
+        events: list[Event] = []
+        for seq in [*self.running, *self.waiting]:
+            limit = seq.params.time_limit_s
+            if limit is not None and now - seq.arrival >= limit:
+                events.append(self._finish(seq, FinishReason.TIME_LIMIT, text=seq.output.drain()))
+        return events
+
     # ---- one step ------------------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch(events=self._expire(time.monotonic()))
+        batch = ScheduledBatch()
         budget = self.limits.max_num_batched_tokens
         preempted = False
-        for seq in list(self.running):
+        order = sorted(self.running, key=_keep_order)
+        for seq in order:
             if budget == 0 or seq.status is not SequenceStatus.RUNNING:
                 continue
             n = min(seq.num_pending, budget)
             while not self.blocks.can_allocate(seq.block_table, seq.num_computed + n):
-                victim = self.running[-1]
+                victim = next(s for s in reversed(order) if s.status is SequenceStatus.RUNNING)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -120,7 +140,9 @@ class Scheduler:
             batch.items.append((seq, n))
             budget -= n
         if not preempted:
-            budget = self._admit(batch, budget)
+            self._admit(batch, budget)
+        for seq, n in batch.items:
+            self.waiting.charge(seq.request.tenant, n)
         self._mark_logits(batch)
         return batch
 
@@ -135,43 +157,49 @@ class Scheduler:
             scores_prompt = seq.wants_prompt_logprobs and seq.num_computed < seq.num_prompt - 1
             batch.num_logits.append(n if scores_prompt else int(samples))
 
-    def _admit(self, batch: ScheduledBatch, budget: int) -> int:
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         adapters = {seq.adapter_key for seq in self.running if seq.adapter_key is not None}
-        for seq in list(self.waiting):
+        reserved: str | None = None  # an aged request's adapter that is blocked on the device: it goes next
+        now = time.monotonic()
+        for seq in self.waiting.candidates():
             if budget == 0 or len(self.running) >= self.limits.max_num_seqs:
                 break
+            if seq.status is not SequenceStatus.WAITING:
+                continue  # failed with its adapter earlier in this walk
             key = seq.adapter_key
-            adapter = None
             if key is not None:
-                adapter = self._host_adapter(key)
-                if adapter is None:
-                    continue  # not fetched yet: wait without blocking others
-                new_key = key not in adapters
-                if new_key and len(adapters) >= self.limits.max_adapters_per_step:
-                    continue
-                if not self.pool.can_acquire(key, adapter):
+                if not self.residency.has(key) or (reserved is not None and key != reserved):
+                    continue  # not fetched yet, or holding back for an aged request
+                full = key not in adapters and len(adapters) >= self.limits.max_adapters_per_step
+                if full or not self.residency.can_acquire(key):
+                    if self.waiting.is_aged(seq, now) and reserved is None:
+                        reserved = key
                     continue
             n = min(seq.num_pending, budget)
             if not self.blocks.can_allocate(seq.block_table, seq.num_computed + n):
                 break
-            if key is not None and adapter is not None:
-                seq.slot = self.pool.acquire(key, adapter)
+            if key is not None:
+                try:
+                    seq.slot = self.residency.acquire(key)
+                except LoraplexError as exc:
+                    batch.events.extend(self.fail_adapter(key, exc))
+                    self.residency.discard(key)
+                    continue
                 adapters.add(key)
             self.blocks.allocate(seq.block_table, seq.num_computed + n)
             self.waiting.remove(seq)
             self.running.append(seq)
+            self.waiting.on_running(seq, True)
             seq.status = SequenceStatus.RUNNING
             batch.items.append((seq, n))
             budget -= n
-        return budget
 
-    def _expire(self, now: float) -> list[Event]:
-        events: list[Event] = []
-        for seq in [*self.running, *self.waiting]:
-            limit = seq.params.time_limit_s
-            if limit is not None and now - seq.arrival >= limit:
-                events.append(self._finish(seq, FinishReason.TIME_LIMIT, text=seq.output.drain()))
-        return events
+    # ---- router-protocol views -------------------------------------------------------------------------------
+    def adapter_names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(adapters with a running request, adapters whose requests only wait), as clients named them."""
+        running = {s.request.adapter_name for s in self.running if s.request.adapter_name}
+        waiting = {s.request.adapter_name for s in self.waiting if s.request.adapter_name} - running
+        return tuple(sorted(running)), tuple(sorted(waiting))
 
     def postprocess(
         self, batch: ScheduledBatch, samples: SampleOutput | None, prompt_scores: PromptScores | None = None
@@ -206,17 +234,18 @@ class Scheduler:
         self.blocks.free(seq.block_table)
         seq.num_computed = 0
         if seq.status is SequenceStatus.RUNNING and seq.adapter_key is not None:
-            self.pool.release(seq.adapter_key)
+            self.residency.release(seq.adapter_key)
         seq.slot = -1
 
     def _preempt(self, seq: Sequence) -> None:
-        """Free everything and requeue at the front; the sequence recomputes prompt + output when readmitted."""
+        """Free everything and requeue (by its arrival: in front); it recomputes prompt + output when readmitted."""
         self._release(seq)
         self.running.remove(seq)
+        self.waiting.on_running(seq, False)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self.waiting.push(seq)
 
     def _finish(
         self,
@@ -230,6 +259,7 @@ class Scheduler:
         self._release(seq)
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+            self.waiting.on_running(seq, False)
         else:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED

@@ -1,4 +1,9 @@
-"""Builds and runs the engine from ``EngineSettings``: server up (NOT_SERVING) → load → warm up → SERVING."""
+"""Builds and runs the engine from ``EngineSettings``: server up (NOT_SERVING) → load → warm up → SERVING.
+
+Shutdown (SIGTERM) drains: health NOT_SERVING at once, new requests refused with UNAVAILABLE ``SHUTTING_DOWN``,
+requests in flight (gRPC and HTTP alike) get ``--drain-seconds`` to finish, the rest end with that typed error,
+then the servers stop and the step thread ends.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,20 @@ import logging
 from pathlib import Path
 
 from loraplex.engine.adapters.disk_cache import DiskTier
-from loraplex.engine.adapters.fetcher import AdapterFetcher
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.engine import LLMEngine
 from loraplex.engine.request import GenerationRequest
 from loraplex.engine.sampling import SamplingParams
+from loraplex.engine.stats import EngineStats
 from loraplex.engine.v1 import engine_service_pb2 as pb
 from loraplex.engine.v1 import engine_service_pb2_grpc as pb_grpc
 from loraplex.registry.client import RegistryClient
 from loraplex.registry.errors import InvalidArgument
 from loraplex.services.auth import TokenAuthority
+from loraplex.services.base_model import determine_base_model
 from loraplex.services.engine_metrics import EngineMetrics
 from loraplex.services.engine_servicer import SERVICE_NAME, EngineRuntime, EngineServicer
+from loraplex.services.fetcher import AdapterFetcher
 from loraplex.services.generation import GenerationFrontend
 from loraplex.services.openai_api import build_app
 from loraplex.services.openai_http import HttpServer
@@ -26,6 +33,21 @@ from loraplex.services.server import ServerHandle, ServiceBinding, run_until_sig
 from loraplex.services.settings import EngineSettings
 
 log = logging.getLogger("loraplex.engine")
+
+
+def parse_tenant_weights(text: str) -> tuple[tuple[str, float], ...]:
+    """``acme=2,beta=0.5`` → (("acme", 2.0), ("beta", 0.5)); a typed error names the bad entry."""
+    weights: list[tuple[str, float]] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        tenant, sep, raw = item.partition("=")
+        try:
+            weight = float(raw)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not tenant.strip() or not weight > 0 or weight == float("inf"):
+            raise InvalidArgument(f"--tenant-weights entry {item!r} must be TENANT=POSITIVE_NUMBER")
+        weights.append((tenant.strip(), weight))
+    return tuple(weights)
 
 
 def engine_config(settings: EngineSettings) -> EngineConfig:
@@ -44,6 +66,9 @@ def engine_config(settings: EngineSettings) -> EngineConfig:
         gpu_adapter_bytes=settings.gpu_adapter_bytes,
         max_queue=settings.max_queue,
         max_model_len=settings.max_model_len,
+        host_adapter_bytes=settings.host_adapter_bytes,
+        tenant_weights=parse_tenant_weights(settings.tenant_weights),
+        max_wait_s=settings.max_wait_seconds,
     )
 
 
@@ -54,11 +79,13 @@ async def warm_up(engine: LLMEngine) -> None:
         pass
 
 
-def model_info(settings: EngineSettings, engine: LLMEngine, config: EngineConfig) -> pb.GetModelInfoResponse:
+def model_info(
+    settings: EngineSettings, engine: LLMEngine, config: EngineConfig, base_model: str
+) -> pb.GetModelInfoResponse:
     stats = engine.stats()
     spec = engine.model_spec
     return pb.GetModelInfoResponse(
-        base_model=settings.base_model or Path(settings.model).name,
+        base_model=base_model,
         architecture=spec.architecture,
         max_context_length=engine.max_model_len,
         max_lora_rank=config.max_lora_rank,
@@ -85,77 +112,83 @@ class EngineApp:
         self.fetcher: AdapterFetcher | None = None
         self.client: RegistryClient | None = None
         self.metrics_port: int | None = None
-        # ---- OpenAI-compatible HTTP API (issue 10) -------------------------------------------------------
-        self.http: HttpServer | None = None  # None when --http-listen is empty
-        self.draining = False  # True from stop(): /health answers 503 so balancers take this engine out
-        # ---- end OpenAI-compatible HTTP API --------------------------------------------------------------
+        self.base_model = settings.base_model or Path(settings.model).name
+        self.http: HttpServer | None = None  # the OpenAI-compatible HTTP API (issue 10)
 
     @property
+    def serving(self) -> bool:
+        """Loaded, warmed up and not draining (what HTTP /health reports)."""
+        return self.servicer.runtime is not None and self.engine is not None and not self.engine.draining
+
+    # ---- OpenAI-compatible HTTP API (issue 10) -----------------------------------------------------------
+    @property
     def http_port(self) -> int | None:
-        """The OpenAI-compatible HTTP API's bound port (issue 10); None when disabled."""
+        """The OpenAI-compatible HTTP API's bound port; None when --http-listen is empty."""
         return self.http.port if self.http is not None else None
+
+    # ---- end OpenAI-compatible HTTP API ------------------------------------------------------------------
 
     async def start(self) -> ServerHandle:
         s = self.settings
         authority = TokenAuthority.from_file(s.tokens_file)
         binding = ServiceBinding(SERVICE_NAME, self.servicer, pb_grpc.add_EngineServiceServicer_to_server)
-        self.handle = await start_server([binding], s.listen, authority, insecure=s.insecure, serving=False)
+        self.handle = await start_server(
+            [binding], s.listen, authority, insecure=s.insecure, serving=False, drain_seconds=s.drain_seconds
+        )
         # ---- OpenAI-compatible HTTP API (issue 10): up now, 503 ENGINE_LOADING until the runtime is set ----
         if s.http_listen:
-            app = build_app(lambda: self.servicer.runtime, lambda: not self.draining, authority, Path(s.model))
+            app = build_app(lambda: self.servicer.runtime, lambda: self.serving, authority, Path(s.model))
             self.http = await HttpServer.start(app, s.http_listen, authority, insecure=s.insecure)
         # ---- end OpenAI-compatible HTTP API --------------------------------------------------------------
         config = engine_config(s)
         config.validate()
+        if s.registry:
+            self.client = RegistryClient(s.registry, s.registry_token)
+            self.base_model = await determine_base_model(self.client, Path(s.model), s.base_model)
         engine = await asyncio.to_thread(LLMEngine.load, config)
         await engine.start()
         await warm_up(engine)
         self.engine = engine
-        if s.registry:
-            self.client = RegistryClient(s.registry, s.registry_token)
+        if self.client is not None:
             self.fetcher = AdapterFetcher(
                 engine,
                 self.client,
-                base_model=s.base_model or None,
+                base_model=self.base_model,
                 max_rank=config.max_lora_rank,
-                host_budget_bytes=s.host_adapter_bytes,
                 alias_ttl_s=s.alias_ttl_seconds,
                 observer=self.metrics,
                 disk=DiskTier(Path(s.disk_cache_dir), s.disk_cache_bytes) if s.disk_cache_dir else None,
                 pin_memory=config.device == "cuda",
             )
-        self.metrics.bind_gauges(self._gauges)
+        self.metrics.bind_snapshot(self._snapshot)
         if s.metrics_port is not None:
             self.metrics_port = self.metrics.serve(s.metrics_port, s.metrics_host)
         frontend = GenerationFrontend(engine, self.fetcher, self.metrics)
-        self.servicer.runtime = EngineRuntime(
-            engine, self.fetcher, model_info(s, engine, config), self.metrics, frontend
-        )
+        info = model_info(s, engine, config, self.base_model)
+        self.servicer.runtime = EngineRuntime(engine, self.fetcher, info, self.metrics, frontend)
         await self.handle.set_serving(True)
-        log.info("engine serving", extra={"port": self.handle.port, "model": s.model})
+        log.info("engine serving", extra={"port": self.handle.port, "model": s.model, "base_model": self.base_model})
         return self.handle
 
-    def _gauges(self) -> dict[str, float]:
+    def _snapshot(self) -> tuple[EngineStats, int] | None:
         if self.engine is None:
-            return {"waiting": 0, "running": 0, "kv_free": 0, "device_bytes": 0, "host_bytes": 0, "disk_bytes": 0}
-        st = self.engine.stats()
-        return {
-            "waiting": st.num_waiting,
-            "running": st.num_running,
-            "kv_free": st.kv_blocks_free,
-            "device_bytes": sum(r.nbytes for r in st.resident_adapters),
-            "host_bytes": sum(st.host_adapters.values()),
-            "disk_bytes": self.fetcher.disk_bytes() if self.fetcher is not None else 0,
-        }
+            return None
+        return self.engine.stats(), self.fetcher.disk_bytes() if self.fetcher is not None else 0
 
     async def stop(self) -> None:
-        # ---- OpenAI-compatible HTTP API (issue 10): health 503, finish in-flight responses, stop ------------
-        self.draining = True
-        if self.http is not None:
-            await self.http.stop(grace=2.0)
-        # ---- end OpenAI-compatible HTTP API --------------------------------------------------------------
+        """Drain (see the module docstring), then release everything; safe to call more than once."""
         if self.handle is not None:
-            await self.handle.stop(grace=2.0)
+            await self.handle.set_serving(False)
+        if self.engine is not None:
+            ended = await self.engine.drain(self.settings.drain_seconds)
+            if ended:
+                log.info("drain deadline reached; ended requests still in flight", extra={"count": ended})
+        if self.handle is not None:
+            await self.handle.drain(seconds=min(2.0, self.settings.drain_seconds))
+        # ---- OpenAI-compatible HTTP API (issue 10): the drain above ended its requests too; stop the server ----
+        if self.http is not None:
+            await self.http.stop(grace=min(2.0, self.settings.drain_seconds))
+        # ---- end OpenAI-compatible HTTP API --------------------------------------------------------------
         if self.engine is not None:
             await self.engine.shutdown()
         if self.client is not None:

@@ -1,12 +1,82 @@
-"""Prometheus metrics of one engine process, in their own registry (no module-level global state)."""
+"""Prometheus metrics of one engine process, in their own registry (no module-level global state).
+
+Two kinds: counters and histograms the request path and the fetcher update as things happen, and gauges that a
+collector reads at scrape time from the engine's published ``EngineStats`` snapshot (lock-free: a scrape never
+waits for a forward pass). The router-protocol gauges keep the names and meanings LoRA-aware routers (the
+Kubernetes inference gateway's endpoint picker / llm-d router) read from vLLM-style servers, under ``loraplex_``:
+
+- ``loraplex_num_requests_waiting`` / ``loraplex_num_requests_running``: queue and batch size;
+- ``loraplex_kv_cache_usage_perc``: used KV blocks / all blocks, 0..1;
+- ``loraplex_cache_config_info{block_size,num_gpu_blocks}`` = 1;
+- ``loraplex_lora_requests_info{running_lora_adapters,waiting_lora_adapters,max_lora}`` = the snapshot's time:
+  comma-separated adapter names as clients sent them; an adapter with any running request is only in
+  ``running``, one whose requests all wait only in ``waiting``; ``max_lora`` = distinct adapters per batch;
+- ``loraplex_lora_adapter_loaded{adapter,tier,pinned,rank}`` = 1 per resident adapter (tier gpu = the device
+  pool whatever the device, cpu = host memory only).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from loraplex.engine.stats import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _SnapshotCollector(Collector):
+    """Gauges computed at scrape time from the latest ``EngineStats`` (None before the engine loads)."""
+
+    def __init__(self, read: Callable[[], tuple[EngineStats, int] | None]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self._read()
+        if snapshot is None:
+            return
+        st, disk_bytes = snapshot
+        yield _gauge("loraplex_num_requests_waiting", "Requests waiting to be scheduled", st.num_waiting)
+        yield _gauge("loraplex_num_requests_running", "Requests in the running batch", st.num_running)
+        yield _gauge("loraplex_kv_cache_usage_perc", "Used KV-cache blocks over all blocks (0..1)", st.kv_usage)
+        config = GaugeMetricFamily(
+            "loraplex_cache_config_info", "KV-cache layout", labels=["block_size", "num_gpu_blocks"]
+        )
+        config.add_metric([str(st.block_size), str(st.kv_blocks_total)], 1.0)
+        yield config
+        lora = GaugeMetricFamily(
+            "loraplex_lora_requests_info",
+            "Adapters with running and with only waiting requests (value: snapshot time, seconds)",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        running, waiting = ",".join(st.running_adapter_names), ",".join(st.waiting_adapter_names)
+        lora.add_metric([running, waiting, str(st.max_adapters_per_step)], st.created)
+        yield lora
+        loaded = GaugeMetricFamily(
+            "loraplex_lora_adapter_loaded", "Resident adapters (1 each)", labels=["adapter", "tier", "pinned", "rank"]
+        )
+        for view in st.residents:
+            name = f"{view.info.adapter}@{view.info.version}" if view.info.adapter else view.key
+            tier = "gpu" if view.slot is not None else "cpu"
+            loaded.add_metric([name, tier, str(view.pinned).lower(), str(view.info.rank)], 1.0)
+        yield loaded
+        yield _gauge(
+            "loraplex_queue_depth", "Requests waiting to be scheduled (same as num_requests_waiting)", st.num_waiting
+        )
+        yield _gauge("loraplex_running_sequences", "Sequences in the running batch", st.num_running)
+        yield _gauge("loraplex_kv_blocks_free", "Free KV-cache blocks", st.kv_blocks_free)
+        cache = GaugeMetricFamily("loraplex_adapter_cache_bytes", "Bytes held per adapter tier", labels=["tier"])
+        cache.add_metric(["device"], float(sum(r.nbytes for r in st.resident_adapters)))
+        cache.add_metric(["host"], float(st.host_bytes))
+        cache.add_metric(["disk"], float(disk_bytes))
+        yield cache
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=float(value))
 
 
 class EngineMetrics:
@@ -37,10 +107,8 @@ class EngineMetrics:
             ["tier", "event"],
             registry=r,
         )
-        self.cache_bytes = Gauge("loraplex_adapter_cache_bytes", "Bytes held per adapter tier", ["tier"], registry=r)
-        self.queue_depth = Gauge("loraplex_queue_depth", "Requests waiting to be scheduled", registry=r)
-        self.running = Gauge("loraplex_running_sequences", "Sequences in the running batch", registry=r)
-        self.kv_free = Gauge("loraplex_kv_blocks_free", "Free KV-cache blocks", registry=r)
+        self._snapshot: Callable[[], tuple[EngineStats, int] | None] = lambda: None
+        r.register(_SnapshotCollector(lambda: self._snapshot()))
 
     def count_request(self, door: str, code: str) -> None:
         """Every request ends here exactly once: OK, or the gRPC status code name it failed with."""
@@ -53,14 +121,9 @@ class EngineMetrics:
     def on_load(self, tier: str, seconds: float) -> None:
         self.adapter_load.labels(tier).observe(seconds)
 
-    def bind_gauges(self, read: Callable[[], dict[str, float]]) -> None:
-        """Gauges read live values at scrape time (queue, running, kv, tier bytes) from one snapshot function."""
-        self.queue_depth.set_function(lambda: read()["waiting"])
-        self.running.set_function(lambda: read()["running"])
-        self.kv_free.set_function(lambda: read()["kv_free"])
-        self.cache_bytes.labels("device").set_function(lambda: read()["device_bytes"])
-        self.cache_bytes.labels("host").set_function(lambda: read()["host_bytes"])
-        self.cache_bytes.labels("disk").set_function(lambda: read()["disk_bytes"])
+    def bind_snapshot(self, read: Callable[[], tuple[EngineStats, int] | None]) -> None:
+        """Where scrape-time gauges come from: (the engine's latest stats, disk-tier bytes)."""
+        self._snapshot = read
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)

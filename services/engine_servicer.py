@@ -18,12 +18,13 @@ from typing import Any
 import grpc
 from google.protobuf import timestamp_pb2
 
-from loraplex.engine.adapters.fetcher import AdapterFetcher, HostEntry, ResolvedAdapter
+from loraplex.engine.adapters.residency import ResidentView
 from loraplex.engine.engine import LLMEngine
 from loraplex.engine.v1 import engine_service_pb2 as pb
 from loraplex.engine.v1 import engine_service_pb2_grpc as pb_grpc
 from loraplex.registry.errors import FailedPrecondition, InvalidArgument, LoraplexError, NotFound, Unavailable
-from loraplex.services.auth import require_admin, token_var
+from loraplex.registry.refs import namespace_of
+from loraplex.services.auth import principal_var, require_admin, token_var
 from loraplex.services.engine_convert import (
     check_request_id,
     finish_reason_pb,
@@ -32,6 +33,7 @@ from loraplex.services.engine_convert import (
     tokens_pb,
 )
 from loraplex.services.engine_metrics import EngineMetrics
+from loraplex.services.fetcher import AdapterFetcher, ResolvedAdapter
 from loraplex.services.generation import GenerationFrontend, GenerationInput, Submission
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -132,57 +134,33 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
     async def ListResidentAdapters(
         self, request: pb.ListResidentAdaptersRequest, context: Context
     ) -> pb.ListResidentAdaptersResponse:
-        rt = self._rt()
-        fetcher = rt.fetcher
-        entries = fetcher.entries() if fetcher is not None else []
-        on_device = self._on_device()
-        return pb.ListResidentAdaptersResponse(adapters=[self._resident(e, on_device=on_device) for e in entries])
+        """Every cached adapter the caller may read (admin and auth-off callers see all)."""
+        principal = principal_var.get()
+        views = self._rt().engine.stats().residents
+        readable = [v for v in views if not v.info.adapter or principal.can(namespace_of(v.info.adapter), "read")]
+        return pb.ListResidentAdaptersResponse(adapters=[_resident_pb(v) for v in readable])
 
-    def _on_device(self) -> set[str]:
-        """Digests in the device pool (one engine-stats snapshot, taken under the engine's lock)."""
-        return {info.key for info in self._rt().engine.stats().resident_adapters}
-
-    def _resident(
-        self, entry: HostEntry, resolved: ResolvedAdapter | None = None, on_device: set[str] | None = None
-    ) -> pb.ResidentAdapter:
-        """Describe a cached adapter; ``resolved`` names it as this caller asked (one digest, many names)."""
-        rt = self._rt()
-        named = resolved or entry.resolved
-        device = self._on_device() if on_device is None else on_device
-        users = rt.engine.core.host.users(entry.resolved.digest)
-        wall = time.time() - (time.monotonic() - entry.last_used)
-        ts = timestamp_pb2.Timestamp()
-        ts.FromNanoseconds(int(wall * 1e9))
-        return pb.ResidentAdapter(
-            adapter=named.adapter,
-            version=named.version,
-            digest=entry.resolved.digest,
-            tier=pb.CACHE_TIER_DEVICE if entry.resolved.digest in device else pb.CACHE_TIER_HOST,
-            size_bytes=entry.nbytes,
-            last_used_time=ts,
-            pinned=entry.pinned,
-            active_requests=users,
-            rank=entry.resolved.rank,
-        )
+    async def _fresh_view(self, resolved: ResolvedAdapter) -> ResidentView:
+        view = await self._rt().engine.resident(resolved.digest)
+        if view is None:
+            raise Unavailable(f"{resolved.ref} was evicted before it could be reported", reason="EVICTED")
+        return view
 
     async def PrefetchAdapter(self, request: pb.PrefetchAdapterRequest, context: Context) -> pb.PrefetchAdapterResponse:
         fetcher = self._fetcher()
         if not request.adapter:
-            raise InvalidArgument("adapter is required")
+            raise InvalidArgument("adapter is required", metadata={"field": "adapter"})
         resolved = await fetcher.resolve(request.adapter, token_var.get())
         task = fetcher.ensure(resolved, token_var.get())
         if task is not None:
             await asyncio.shield(task)
-        entry = fetcher.entry(resolved.digest)
-        if entry is None:
-            raise Unavailable(f"{request.adapter} was evicted before it could be reported")
-        return pb.PrefetchAdapterResponse(adapter=self._resident(entry, resolved))
+        return pb.PrefetchAdapterResponse(adapter=_resident_pb(await self._fresh_view(resolved), resolved))
 
     async def EvictAdapter(self, request: pb.EvictAdapterRequest, context: Context) -> pb.EvictAdapterResponse:
         require_admin()
         fetcher = self._fetcher()
         resolved = await fetcher.resolve(request.adapter, token_var.get())
-        if not fetcher.evict(resolved.digest):
+        if not await fetcher.evict(resolved.digest):
             raise NotFound(f"{request.adapter} is not resident in this engine", reason="ADAPTER_NOT_RESIDENT")
         return pb.EvictAdapterResponse(digests=[resolved.digest])
 
@@ -194,8 +172,26 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             task = fetcher.ensure(resolved, token_var.get())
             if task is not None:
                 await asyncio.shield(task)
-        entry = fetcher.pin(resolved.digest, request.pinned)
-        return pb.PinAdapterResponse(adapter=self._resident(entry, resolved))
+        await self._rt().engine.pin_adapter(resolved.digest, request.pinned)
+        return pb.PinAdapterResponse(adapter=_resident_pb(await self._fresh_view(resolved), resolved))
+
+
+def _resident_pb(view: ResidentView, resolved: ResolvedAdapter | None = None) -> pb.ResidentAdapter:
+    """Describe a cached adapter; ``resolved`` names it as this caller asked (one digest, many names)."""
+    wall = time.time() - (time.monotonic() - view.last_used)
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(wall * 1e9))
+    return pb.ResidentAdapter(
+        adapter=resolved.adapter if resolved else view.info.adapter,
+        version=resolved.version if resolved else view.info.version,
+        digest=view.key,
+        tier=pb.CACHE_TIER_DEVICE if view.slot is not None else pb.CACHE_TIER_HOST,
+        size_bytes=view.nbytes,
+        last_used_time=ts,
+        pinned=view.pinned,
+        active_requests=view.users,
+        rank=resolved.rank if resolved else view.info.rank,
+    )
 
 
 def _decorate_first(

@@ -63,6 +63,33 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
+class InFlight:
+    """The RPC handler tasks in progress, so a drain can wait for them and then end the rest with a typed error."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.ending = False
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    async def wait_idle(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while self.tasks and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def end_all(self) -> int:
+        """Cancel every handler still running; the interceptor turns that into UNAVAILABLE ``SHUTTING_DOWN``."""
+        self.ending = True
+        for task in list(self.tasks):
+            task.cancel()
+        return len(self.tasks)
+
+
+def shutting_down_error() -> errors.Unavailable:
+    return errors.Unavailable("the server is shutting down; retry on another replica", reason="SHUTTING_DOWN")
+
+
 def _method_name(details: grpc.HandlerCallDetails) -> str:
     return str(getattr(details, "method", "?"))
 
@@ -75,7 +102,14 @@ def _request_id_from(details: grpc.HandlerCallDetails) -> str:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Maps exceptions to statuses and logs one structured line per RPC (method, code, ms, request id)."""
+    """Maps exceptions to statuses and logs one structured line per RPC (method, code, ms, request id).
+
+    Every handler runs as a tracked task of ``in_flight``: a drain that cancels it gets UNAVAILABLE
+    ``SHUTTING_DOWN`` sent to the client instead of a bare cancellation.
+    """
+
+    def __init__(self, in_flight: InFlight | None = None) -> None:
+        self.in_flight = in_flight if in_flight is not None else InFlight()
 
     async def intercept_service(
         self,
@@ -93,13 +127,19 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 token = request_id_var.set(request_id)
                 started = time.perf_counter()
+                task = self._track()
                 try:
                     result = await inner(request, context)
                     _log_done(method, "OK", started)
                     return result
+                except asyncio.CancelledError:
+                    if not self._ending(task):
+                        raise
+                    await _fail(method, shutting_down_error(), context, started)
                 except Exception as exc:
                     await _fail(method, exc, context, started)
                 finally:
+                    self.in_flight.tasks.discard(task)
                     request_id_var.reset(token)
 
             factory = (
@@ -112,6 +152,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         async def streaming(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             token = request_id_var.set(request_id)
             started = time.perf_counter()
+            task = self._track()
             try:
                 produced = inner_stream(request, context)
                 if hasattr(produced, "__aiter__"):
@@ -120,15 +161,34 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 else:  # a handler that streams with ``context.write`` (e.g. health Watch)
                     await produced
                 _log_done(method, "OK", started)
+            except asyncio.CancelledError:
+                if not self._ending(task):
+                    raise
+                await _fail(method, shutting_down_error(), context, started)
             except Exception as exc:
                 await _fail(method, exc, context, started)
             finally:
+                self.in_flight.tasks.discard(task)
                 request_id_var.reset(token)
 
         factory = (
             grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
         )
         return factory(streaming, handler.request_deserializer, handler.response_serializer)
+
+
+    def _track(self) -> asyncio.Task[Any] | None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.in_flight.tasks.add(task)
+        return task
+
+    def _ending(self, task: asyncio.Task[Any] | None) -> bool:
+        """A cancellation that came from the drain (not from the client going away): answer it, typed."""
+        if not self.in_flight.ending or task is None:
+            return False
+        task.uncancel()
+        return True
 
 
 def _log_done(method: str, code: str, started: float, reason: str = "") -> None:

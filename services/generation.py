@@ -17,7 +17,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from loraplex.engine.adapters.fetcher import AdapterFetcher, ResolvedAdapter
 from loraplex.engine.engine import LLMEngine
 from loraplex.engine.request import BASE_TENANT, Delta, GenerationRequest
 from loraplex.engine.sampling import SamplingParams
@@ -25,6 +24,7 @@ from loraplex.registry.errors import FailedPrecondition, LoraplexError
 from loraplex.registry.refs import namespace_of
 from loraplex.services.auth import principal_var, token_var
 from loraplex.services.engine_metrics import EngineMetrics
+from loraplex.services.fetcher import AdapterFetcher, ResolvedAdapter
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from fastapi.responses import Response
 
 from loraplex.engine.sampling import SamplingParams
 from loraplex.registry.errors import InvalidArgument, LoraplexError, NotFound, Unavailable
-from loraplex.registry.refs import parse_ref
-from loraplex.services.auth import TokenAuthority
+from loraplex.registry.refs import namespace_of, parse_ref
+from loraplex.services.auth import TokenAuthority, principal_var
 from loraplex.services.chat_template import ChatTemplate, load_chat_template
 from loraplex.services.engine_convert import MAX_PROMPT_CHARS
 from loraplex.services.engine_servicer import EngineRuntime
@@ -100,13 +100,19 @@ class OpenAIApi:
         return json_body({"status": state}, status=503)
 
     async def models(self) -> Response:
+        """The base model, then every cached adapter the caller may read (as gRPC ``ListResidentAdapters``)."""
         rt = self.runtime()
         base = rt.info.base_model
+        principal = principal_var.get()
         data: list[dict[str, Any]] = [_model_card(base, self._started, "loraplex", base, None)]
-        for entry in rt.fetcher.entries() if rt.fetcher is not None else []:
-            r = entry.resolved
-            card = _model_card(f"{r.adapter}@{r.version}", self._started, r.adapter.split("/")[0], r.adapter, base)
-            data.append({**card, "digest": r.digest, "rank": r.rank})
+        for view in rt.engine.stats().residents:
+            info = view.info
+            if not info.adapter or not principal.can(namespace_of(info.adapter), "read"):
+                continue
+            card = _model_card(
+                f"{info.adapter}@{info.version}", self._started, namespace_of(info.adapter), info.adapter, base
+            )
+            data.append({**card, "digest": view.key, "rank": info.rank})
         return json_body({"object": "list", "data": data})
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:

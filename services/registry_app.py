@@ -41,7 +41,9 @@ async def start_registry(settings: RegistrySettings) -> ServerHandle:
     binding = ServiceBinding(
         SERVICE_NAME, RegistryServicer(service), pb_grpc.add_AdapterRegistryServiceServicer_to_server
     )
-    handle = await start_server([binding], settings.listen, authority, insecure=settings.insecure)
+    handle = await start_server(
+        [binding], settings.listen, authority, insecure=settings.insecure, drain_seconds=settings.drain_seconds
+    )
     log.info("registry listening", extra={"port": handle.port, "listen": settings.listen, "auth": authority.enabled})
     return handle
 

@@ -3,6 +3,10 @@
 Why one bootstrap: both services must behave the same way operationally — health NOT_SERVING until ready and
 again during shutdown, reflection listing every service (so grpcurl works), SIGTERM draining in-flight RPCs,
 errors mapped by one interceptor — and a copy per service would drift.
+
+Draining (SIGTERM): health turns NOT_SERVING at once so balancers stop sending; RPCs in flight get up to
+``drain_seconds`` to finish; whatever is still running then ends with UNAVAILABLE + ErrorInfo ``SHUTTING_DOWN``
+(never gRPC's bare "Cancelling all calls"), and only then does the server stop.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from loraplex.registry.errors import FailedPrecondition
 from loraplex.services.auth import AuthInterceptor, TokenAuthority
-from loraplex.services.errors import ErrorInterceptor
+from loraplex.services.errors import ErrorInterceptor, InFlight
 
 log = logging.getLogger("loraplex.server")
 
@@ -48,6 +52,8 @@ class ServerHandle:
     port: int
     health: Any  # grpc_health.v1.health.aio.HealthServicer (absent from the type stubs)
     service_names: Sequence[str]
+    in_flight: InFlight = field(default_factory=InFlight)
+    drain_seconds: float = 5.0
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def set_serving(self, serving: bool) -> None:
@@ -62,6 +68,18 @@ class ServerHandle:
         await self.set_serving(False)
         await self.server.stop(grace)
         self.stopped.set()
+
+    async def drain(self, seconds: float | None = None) -> None:
+        """NOT_SERVING now; RPCs in flight get ``seconds`` to finish; the rest end with ``SHUTTING_DOWN``; stop."""
+        if self.stopped.is_set():
+            return
+        await self.set_serving(False)
+        await self.in_flight.wait_idle(self.drain_seconds if seconds is None else seconds)
+        ended = self.in_flight.end_all()
+        if ended:
+            log.info("ended RPCs still running at the end of the drain", extra={"count": ended})
+            await self.in_flight.wait_idle(2.0)
+        await self.stop(grace=1.0)
 
 
 def is_loopback(listen: str) -> bool:
@@ -91,10 +109,14 @@ async def start_server(
     *,
     insecure: bool = False,
     serving: bool = True,
+    drain_seconds: float = 5.0,
 ) -> ServerHandle:
     """Build, bind and start the server; health is SERVING only when ``serving`` (else call ``set_serving``)."""
     check_exposure(listen, authority, insecure)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(), AuthInterceptor(authority)], options=SERVER_OPTIONS)
+    in_flight = InFlight()
+    server = grpc.aio.server(
+        interceptors=[ErrorInterceptor(in_flight), AuthInterceptor(authority)], options=SERVER_OPTIONS
+    )
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for binding in bindings:
@@ -107,13 +129,21 @@ async def start_server(
     if port == 0:
         raise FailedPrecondition(f"cannot bind {listen}", reason="BIND_FAILED")
     await server.start()
-    handle = ServerHandle(server=server, port=port, health=health_servicer, service_names=names)
+    handle = ServerHandle(
+        server=server,
+        port=port,
+        health=health_servicer,
+        service_names=names,
+        in_flight=in_flight,
+        drain_seconds=drain_seconds,
+    )
     await handle.set_serving(serving)
     return handle
 
 
 async def run_until_signal(handle: ServerHandle, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then drain: health NOT_SERVING → stop accepting → ``on_stop`` cleanup."""
+    """Serve until SIGTERM/SIGINT, then shut down: ``on_stop`` (the service's own drain and cleanup, which may
+    drain the server itself) and then ``handle.drain()`` (a no-op once the server stopped)."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -122,8 +152,8 @@ async def run_until_signal(handle: ServerHandle, on_stop: Callable[[], Awaitable
     signalled = asyncio.create_task(stop_requested.wait())
     await asyncio.wait({waiter, signalled}, return_when=asyncio.FIRST_COMPLETED)
     log.info("shutting down", extra={"port": handle.port})
-    await handle.stop()
     if on_stop is not None:
         await on_stop()
+    await handle.drain()
     for task in (waiter, signalled):
         task.cancel()

@@ -6,14 +6,17 @@ each adapter's own rank. Slots exist only so a token can name its adapter with o
 
 Lifecycle: ``acquire`` makes an adapter resident (loading it, evicting least-recently-used *unreferenced*
 residents if rows or slots run short) and counts a reference; ``release`` drops it. Unreferenced residents stay
-loaded as a cache until their rows are wanted. Eviction zeroes the rows and resets the slot's ranks to 0 in every
-buffer, so a reused slot can never read a previous adapter's weights or rank. Not thread-safe: only the step
-loop calls it.
+loaded as a cache until their rows are wanted (residents some waiting request still wants go last). Eviction
+zeroes the rows and resets the slot's ranks to 0 in every buffer, so a reused slot can never read a previous
+adapter's weights or rank. A load is transactional: if any copy fails (a value the dtype cannot hold, a device
+error) every row and the slot it took are given back and zeroed before the typed error is raised, so one bad
+adapter can never leak capacity. Not thread-safe: only the step thread calls it (through ``AdapterResidency``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -111,6 +114,8 @@ class AdapterPool:
         self._residents: dict[str, _Resident] = {}
         self._free_slots = list(range(num_slots))
         self._clock = 0
+        # Whether a waiting request wants this resident (set by the owner; used to order evictions).
+        self.wanted: Callable[[str], bool] = lambda key: False
 
     # ---- queries -------------------------------------------------------------------------------------------
     def slot_of(self, key: str) -> int | None:
@@ -135,13 +140,18 @@ class AdapterPool:
             if lora.rank > self.max_rank:
                 raise AdapterIncompatible(f"adapter rank {lora.rank} exceeds the pool's max rank {self.max_rank}")
 
-    def _victims(self, adapter: PoolAdapter) -> list[_Resident] | None:
-        """The LRU unreferenced residents to evict so ``adapter`` fits; None if it cannot fit now."""
+    def _victims(self, adapter: PoolAdapter, evict: bool = True) -> list[_Resident] | None:
+        """The LRU unreferenced residents to evict so ``adapter`` fits; None if it cannot fit now.
+
+        Residents that ``wanted`` says a waiting request needs are evicted only after every other idle one.
+        With ``evict=False`` only free rows and slots count (staging never displaces anything).
+        """
         need = {mk: lora.rank for mk, lora in adapter.modules.items()}
         free = {mk: len(self._alloc[mk].free) for mk in need}
         slots = len(self._free_slots)
         victims: list[_Resident] = []
-        candidates = sorted((r for r in self._residents.values() if r.refcount == 0), key=lambda r: r.last_used)
+        idle = [r for r in self._residents.values() if r.refcount == 0] if evict else []
+        candidates = sorted(idle, key=lambda r: (self.wanted(r.key), r.last_used))
         for candidate in [None, *candidates]:
             if candidate is not None:
                 victims.append(candidate)
@@ -155,6 +165,21 @@ class AdapterPool:
 
     def can_acquire(self, key: str, adapter: PoolAdapter) -> bool:
         return key in self._residents or self._victims(adapter) is not None
+
+    def stage(self, key: str, adapter: PoolAdapter) -> bool:
+        """Load ``key`` into free rows and a free slot without a reference (nothing is evicted for it).
+
+        Why: the host-to-device copy then happens when the adapter arrives, not on the step that admits its first
+        request. Returns whether it is resident now.
+        """
+        if key in self._residents:
+            return True
+        self.check_compatible(adapter)
+        if self._victims(adapter, evict=False) is None:
+            return False
+        self._clock += 1
+        self._load(key, adapter).last_used = self._clock
+        return True
 
     # ---- mutations -----------------------------------------------------------------------------------------
     def acquire(self, key: str, adapter: PoolAdapter) -> int:
@@ -204,26 +229,53 @@ class AdapterPool:
     def _load(self, key: str, adapter: PoolAdapter) -> _Resident:
         slot = self._free_slots.pop(0)
         taken: dict[ModuleKey, list[int]] = {}
+        try:
+            nbytes = self._write_slot(slot, adapter, taken)
+        except Exception as exc:
+            self._rollback(slot, taken)
+            raise AdapterIncompatible(
+                f"adapter {key} cannot be loaded into the device pool: {exc}", reason="ADAPTER_LOAD_FAILED"
+            ) from exc
+        resident = _Resident(key, slot, taken, max((len(r) for r in taken.values()), default=0), nbytes)
+        self._residents[key] = resident
+        return resident
+
+    def _write_slot(self, slot: int, adapter: PoolAdapter, taken: dict[ModuleKey, list[int]]) -> int:
+        """Copy every module's rows in and fill the slot's tables; records rows in ``taken`` as it goes."""
         nbytes = 0
         for mk, w in self.weights.items():
             lora = adapter.modules.get(mk)
+            w.row_table[slot].zero_()
             if lora is None:
                 # Not targeted: rank 0 means the kernels skip this slot for this module.
                 w.ranks[slot] = 0
                 w.scales[slot] = 0.0
-                w.row_table[slot].zero_()
                 continue
             r = lora.rank
+            if not math.isfinite(lora.scale):
+                raise ValueError(f"scale {lora.scale!r} of {mk[1]} is not finite")
             rows = self._alloc[mk].take(r)
+            taken[mk] = rows
             index = torch.tensor(rows, dtype=torch.long, device=self.device)
             w.a_rows[index] = lora.a.to(device=self.device, dtype=self.dtype)  # [r, h_in]
             w.b_rows[index] = lora.b.t().to(device=self.device, dtype=self.dtype)  # [r, h_out]
-            w.row_table[slot].zero_()
             w.row_table[slot, :r] = index.to(torch.int32)
             w.ranks[slot] = r
             w.scales[slot] = lora.scale
-            taken[mk] = rows
             nbytes += r * (w.a_rows.shape[1] + w.b_rows.shape[1]) * w.a_rows.element_size()
-        resident = _Resident(key, slot, taken, max((len(r) for r in taken.values()), default=0), nbytes)
-        self._residents[key] = resident
-        return resident
+        return nbytes
+
+    def _rollback(self, slot: int, taken: dict[ModuleKey, list[int]]) -> None:
+        """Undo a partial load: zero and return every row taken, reset the slot everywhere, free the slot."""
+        for mk, w in self.weights.items():
+            rows = taken.get(mk)
+            if rows:
+                index = torch.tensor(rows, dtype=torch.long, device=self.device)
+                w.a_rows.index_fill_(0, index, 0)
+                w.b_rows.index_fill_(0, index, 0)
+                self._alloc[mk].give(rows)
+            w.ranks[slot] = 0
+            w.scales[slot] = 0.0
+            w.row_table[slot].zero_()
+        self._free_slots.append(slot)
+        self._free_slots.sort()

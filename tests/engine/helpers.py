@@ -30,7 +30,7 @@ def make_core(model_dir: Path, adapters: Mapping[str, Path] | None = None, **ove
     kwargs.update(overrides)
     core = EngineCore.load(EngineConfig(**kwargs))
     for name, path in (adapters or {}).items():
-        core.host.add(name, HostAdapter.from_peft_dir(path, core.loaded.spec, 64))
+        core.residency.add(name, HostAdapter.from_peft_dir(path, core.loaded.spec, 64))
     return core
 
 
@@ -58,7 +58,7 @@ def drive(
     while pending or core.has_work():
         while pending and arrive_at.get(pending[0].request_id, 0) <= step:
             core.add_request(pending.pop(0))
-        for event in core.step():
+        for event in [*core.expire(), *core.step()]:
             assert isinstance(event, Delta), event
             deltas.setdefault(event.request_id, []).append(event)
         if record_logits and core.last_step.logits is not None:

@@ -43,7 +43,8 @@ async def test_generate_streams_until_finish(engine: LLMEngine, tiny_adapters: d
     assert engine.model_spec.model_type == "qwen2"
     assert engine.eos_token_ids == (1,)
     key = "sha256:abc"
-    engine.add_adapter(key, HostAdapter.from_peft_dir(tiny_adapters[ARCH]["all-r8"], engine.model_spec, 64))
+    await engine.add_adapter(key, HostAdapter.from_peft_dir(tiny_adapters[ARCH]["all-r8"], engine.model_spec, 64))
+    await _settle(engine)
     assert engine.has_adapter(key)
     deltas = [
         d async for d in engine.generate(request("g", [5, 6, 7], key, max_new_tokens=5, ignore_eos=True, logprobs=True))
@@ -55,8 +56,16 @@ async def test_generate_streams_until_finish(engine: LLMEngine, tiny_adapters: d
     text = "".join(d.text for d in deltas)
     assert text == engine.tokenizer.decode([t for d in deltas for t in d.token_ids])
     await _settle(engine)
-    engine.remove_adapter(key)
+    busy = engine.generate(request("busy", [5, 6], key, max_new_tokens=10_000, ignore_eos=True))
+    await anext(busy)
+    with pytest.raises(FailedPrecondition, match="in use"):
+        await engine.evict_adapter(key)
+    await busy.aclose()
+    await _settle(engine)
+    assert await engine.evict_adapter(key) is True
+    await _settle(engine)
     assert not engine.has_adapter(key)
+    assert await engine.evict_adapter(key) is False
 
 
 async def test_cancelling_consumer_aborts(engine: LLMEngine) -> None:
@@ -91,8 +100,7 @@ async def test_closing_iterator_aborts_and_queue_full(engine: LLMEngine) -> None
         engine.generate(request("q3", [5, 6], None))
     with pytest.raises(AlreadyExists):
         engine.generate(request("q0", [5, 6], None))
-    with pytest.raises(FailedPrecondition):
-        engine.remove_adapter("never-fetched")
+    assert await engine.evict_adapter("never-fetched") is False  # not host-resident: nothing to evict
     engine.fail_adapter("never-fetched", AdapterNotFound("gone"))
     for s in streams:
         with pytest.raises(AdapterNotFound):

@@ -64,7 +64,7 @@ async def settled(served: Served, digest: str | None = None) -> None:
     for _ in range(200):
         st = engine.stats()
         busy = st.num_running or st.num_waiting or st.kv_blocks_free != st.kv_blocks_total
-        refs = any(r.refcount for r in st.resident_adapters) or (digest and engine.core.host.users(digest))
+        refs = any(v.refcount or v.users for v in st.residents if digest is None or v.key == digest)
         if not busy and not refs:
             return
         await asyncio.sleep(0.05)
@@ -176,9 +176,7 @@ async def test_a_full_queue_is_a_429(served: Served) -> None:
     await settled(served)
 
 
-async def test_health_and_requests_are_503_while_loading_or_draining(
-    served: Served, tiny_models: dict[str, Path]
-) -> None:
+async def test_health_and_requests_are_503_while_loading(tiny_models: dict[str, Path]) -> None:
     loading = await HttpServer.start(
         build_app(lambda: None, lambda: True, TokenAuthority.disabled(), tiny_models["llama"]),
         "127.0.0.1:0",
@@ -193,13 +191,35 @@ async def test_health_and_requests_are_503_while_loading_or_draining(
             assert early.status_code == 503 and early.json()["error"]["code"] == "ENGINE_LOADING"
     finally:
         await loading.stop()
-    served.app.draining = True
+
+
+async def test_a_drain_answers_503_and_lets_streams_in_flight_finish(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    running = await serve(tiny_models["llama"], tmp_path, drain_seconds=60)
     try:
-        async with httpx.AsyncClient(base_url=served.base_url, timeout=30) as http:
-            health = await http.get("/health")
+        body = {"model": BASE_MODEL, "prompt": [3, 4, 5], "stream": True, "max_tokens": 120, "ignore_eos": True}
+        async with (
+            httpx.AsyncClient(base_url=running.base_url, timeout=60) as http,
+            http.stream("POST", "/v1/completions", json=body) as response,
+        ):
+            events = response.aiter_lines()
+            lines = [await anext(line async for line in events if line.startswith("data: "))]
+            stopping = asyncio.create_task(running.app.stop())
+            for _ in range(100):
+                health = await http.get("/health")
+                if health.status_code == 503:
+                    break
+                await asyncio.sleep(0.02)
             assert health.status_code == 503 and health.json() == {"status": "draining"}
+            refused = await http.post("/v1/completions", json={"model": BASE_MODEL, "prompt": [3], "max_tokens": 1})
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "SHUTTING_DOWN"
+            lines += [line async for line in events if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+        await stopping
     finally:
-        served.app.draining = False
+        await close(running)
 
 
 # ---- disconnects ---------------------------------------------------------------------------------------------

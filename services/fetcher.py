@@ -1,18 +1,22 @@
-"""Adapters on demand: resolve a registry reference, fetch its weights once, verify, validate, cache on the host.
+"""Adapters on demand: resolve a registry reference, fetch its weights once, verify them, hand them to the engine.
 
 The miss path is ``resolve → (local disk tier, if configured) or download → sha256 + digest verified →
-HostAdapter (validated against this engine's model) → host tier (page-locked on CUDA)``; the device tier is
-filled by the scheduler when a batch needs the adapter. Why here and not in the scheduler: all I/O stays on the
-event loop, never inside a step.
+HostAdapter parsed and validated against this engine's model (off the event loop) → LLMEngine.add_adapter``.
+Where adapters live afterwards (host tier, device pool, LRU, pins, budgets) is the engine's
+``AdapterResidency``; this object only does network and disk I/O, so it lives in services/, not in the engine.
 
 - Identity is the version digest. Mutable selectors (``ns/name``, ``@alias``) are cached for ``alias_ttl_s`` and
   then resolved again, so a re-pointed alias reaches new requests within the TTL and never serves stale weights;
-  ``@3`` and ``@sha256:…`` are immutable and cached until evicted. Resolutions are cached per caller token, so
-  the registry's tenancy rules apply to every caller even when the weights are already here.
-- Single flight: concurrent requests for one cold digest share one download task.
-- While the registry is unreachable, a reference resolved before keeps serving from cache; anything else gets
-  UNAVAILABLE.
-- The host tier has a byte budget with LRU eviction; adapters used by live requests, and pinned ones, stay.
+  ``@3`` and ``@sha256:…`` are immutable and cached for good. Resolutions are cached per caller token, so the
+  registry's tenancy rules apply to every caller even when the weights are already here.
+- Single flight: concurrent requests for one cold digest share one download task. When the engine reports a
+  request whose adapter is not host-resident (``adapter_missing``), the fetch starts from there too, so a race
+  with an eviction can never leave a request waiting for nothing.
+- Registry down: a reference this caller resolved before keeps serving; an immutable reference (``@N`` or
+  ``@sha256:``) to a version this caller already resolved under another reference of the same adapter resolves
+  offline too; anything else is UNAVAILABLE.
+- Failure classes: the registry or network failing is UNAVAILABLE (retrying may help); bytes that verified but
+  cannot be loaded by this engine are FAILED_PRECONDITION ``ADAPTER_INCOMPATIBLE`` (retrying never helps).
 """
 
 from __future__ import annotations
@@ -23,24 +27,18 @@ import functools
 import hashlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from loraplex.engine.adapters.disk_cache import DiskTier
 from loraplex.engine.adapters.host import HostAdapter
+from loraplex.engine.adapters.residency import AdapterInfo
 from loraplex.engine.engine import LLMEngine
 from loraplex.registry.client import RegistryClient
 from loraplex.registry.digest import version_digest
-from loraplex.registry.errors import (
-    AdapterIncompatible,
-    FailedPrecondition,
-    LoraplexError,
-    ResourceExhausted,
-    Unavailable,
-)
-from loraplex.registry.refs import parse_ref
+from loraplex.registry.errors import AdapterIncompatible, LoraplexError, Unavailable
+from loraplex.registry.refs import AdapterRef, parse_ref
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +56,8 @@ class ResolvedAdapter:
 
 
 @dataclass
-class HostEntry:
-    resolved: ResolvedAdapter
-    nbytes: int
-    last_used: float
-    pinned: bool = False
-
-
-@dataclass
 class FetchStats:
-    """Counters the metrics endpoint and tests read."""
+    """Counters tests and the metrics endpoint read."""
 
     downloads: int = 0
     download_failures: int = 0
@@ -75,16 +65,19 @@ class FetchStats:
     resolve_misses: int = 0
     host_hits: int = 0
     host_misses: int = 0
-    host_evictions: int = 0
     load_seconds: list[float] = field(default_factory=list)
 
 
 class FetchObserver(Protocol):
-    """Where counters go (the service's Prometheus metrics); the engine layer knows no metrics library."""
+    """Where counters go (the service's Prometheus metrics)."""
 
     def on_event(self, tier: str, event: str) -> None: ...
 
     def on_load(self, tier: str, seconds: float) -> None: ...
+
+
+def _token_key(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class AdapterFetcher:
@@ -95,7 +88,6 @@ class AdapterFetcher:
         *,
         base_model: str | None,
         max_rank: int,
-        host_budget_bytes: int,
         alias_ttl_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         observer: FetchObserver | None = None,
@@ -106,7 +98,6 @@ class AdapterFetcher:
         self._client = client
         self._base_model = base_model
         self._max_rank = max_rank
-        self._budget = host_budget_bytes
         self._ttl = alias_ttl_s
         self._clock = clock
         self._observer = observer
@@ -114,8 +105,10 @@ class AdapterFetcher:
         self._pin_memory = pin_memory  # on CUDA: page-locked host copies make host→device loads async and fast
         self._resolved: dict[tuple[str, str], tuple[ResolvedAdapter, float]] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._host: OrderedDict[str, HostEntry] = OrderedDict()  # LRU order: oldest first
+        self._fetch_token: dict[str, str] = {}  # digest -> a token that resolved it (for engine-driven fetches)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.stats = FetchStats()
+        engine.on_adapter_missing(self._adapter_missing)
 
     def _event(self, tier: str, event: str) -> None:
         if self._observer is not None:
@@ -124,7 +117,8 @@ class AdapterFetcher:
     # -- resolution ----------------------------------------------------------------------------------------
     async def resolve(self, ref: str, token: str = "") -> ResolvedAdapter:
         parsed = parse_ref(ref)  # InvalidArgument for a malformed reference, before any network
-        key = (str(parsed), hashlib.sha256(token.encode()).hexdigest())
+        self._loop = asyncio.get_running_loop()
+        key = (str(parsed), _token_key(token))
         cached = self._resolved.get(key)
         now = self._clock()
         if cached is not None and cached[1] > now:
@@ -134,10 +128,11 @@ class AdapterFetcher:
         try:
             version = await self._client.resolve(str(parsed), token=token or None)
         except Unavailable:
-            if cached is not None:  # the registry is down: keep serving what this caller resolved before
-                log.warning("registry unavailable; serving %s from cache", ref)
-                return cached[0]
-            raise
+            offline = cached[0] if cached is not None else self._offline(parsed, key[1])
+            if offline is None:
+                raise
+            log.warning("registry unavailable; serving %s from cache", ref)
+            return dataclasses.replace(offline, ref=ref)
         resolved = ResolvedAdapter(
             ref=ref,
             adapter=version.adapter,
@@ -151,7 +146,19 @@ class AdapterFetcher:
         self._check_compatible(resolved)
         immutable = parsed.selector_kind in ("version", "digest")
         self._resolved[key] = (resolved, float("inf") if immutable else now + self._ttl)
+        self._fetch_token[resolved.digest] = token
         return resolved
+
+    def _offline(self, parsed: AdapterRef, token_key: str) -> ResolvedAdapter | None:
+        """An immutable reference this caller already resolved under another name of the same adapter."""
+        if parsed.selector_kind not in ("version", "digest"):
+            return None
+        for (_, holder), (known, _) in self._resolved.items():
+            if holder != token_key or known.adapter != parsed.name:
+                continue
+            if (parsed.selector_kind == "version" and known.version == parsed.version) or known.digest == parsed.value:
+                return known
+        return None
 
     def _check_compatible(self, resolved: ResolvedAdapter) -> None:
         if self._base_model and resolved.base_model != self._base_model:
@@ -167,15 +174,19 @@ class AdapterFetcher:
                 metadata={"adapter": resolved.adapter, "rank": str(resolved.rank)},
             )
 
-    # -- host residency ------------------------------------------------------------------------------------
+    def known(self, digest: str) -> ResolvedAdapter | None:
+        """Any resolution of ``digest`` seen (to name it in listings)."""
+        for resolved, _ in self._resolved.values():
+            if resolved.digest == digest:
+                return resolved
+        return None
+
+    # -- fetching ------------------------------------------------------------------------------------------
     def ensure(self, resolved: ResolvedAdapter, token: str = "") -> asyncio.Task[None] | None:
         """Make ``resolved`` host-resident: None when it already is, else the (shared) fetch task."""
-        entry = self._host.get(resolved.digest)
-        if entry is not None and self._engine.has_adapter(resolved.digest):
+        if self._engine.has_adapter(resolved.digest):
             self.stats.host_hits += 1
             self._event("host", "hit")
-            entry.last_used = self._clock()
-            self._host.move_to_end(resolved.digest)
             return None
         task = self._inflight.get(resolved.digest)
         if task is None or task.done():  # a finished task already failed its waiters: start afresh
@@ -186,8 +197,23 @@ class AdapterFetcher:
             task.add_done_callback(functools.partial(self._forget, resolved.digest))
         return task
 
-    def _forget(self, digest: str, _task: asyncio.Task[None]) -> None:
+    def _forget(self, digest: str, task: asyncio.Task[None]) -> None:
         self._inflight.pop(digest, None)
+        if not task.cancelled():
+            task.exception()  # the failure reached the waiting requests through the engine; don't log it twice
+
+    def _adapter_missing(self, digest: str) -> None:
+        """Step thread: a request names a key the host tier lacks; start (or join) its fetch on the loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._refetch, digest)
+
+    def _refetch(self, digest: str) -> None:
+        resolved = self.known(digest)
+        if resolved is None:
+            self._engine.fail_adapter(digest, Unavailable(f"adapter {digest} is not resolvable here any more"))
+            return
+        self.ensure(resolved, self._fetch_token.get(digest, ""))
 
     async def _load_bytes(self, resolved: ResolvedAdapter, token: str) -> tuple[str, bytes, str]:
         """(config, weights, tier) from the disk tier when it holds a verified copy, else from the registry."""
@@ -196,6 +222,8 @@ class AdapterFetcher:
             if cached is not None and _digest_of(*cached) == resolved.digest:
                 self._event("disk", "hit")
                 return cached[0], cached[1], "disk"
+            if cached is not None:  # present but not what its name says: a damaged entry is a miss
+                await asyncio.to_thread(self._disk.remove, resolved.digest)
             self._event("disk", "miss")
         downloaded = await self._client.download(f"{resolved.adapter}@{resolved.digest}", token=token or None)
         self.stats.downloads += 1
@@ -210,85 +238,62 @@ class AdapterFetcher:
             await asyncio.to_thread(self._disk.put, resolved.digest, config, downloaded.weights)
         return config, downloaded.weights, "registry"
 
+    async def _parse(self, resolved: ResolvedAdapter, config: str, weights: bytes) -> HostAdapter:
+        """Verified bytes this engine cannot load are a permanent, typed failure (never UNAVAILABLE)."""
+        spec = self._engine.model_spec
+        try:
+            adapter = await asyncio.to_thread(HostAdapter.from_bytes, config, weights, spec, self._max_rank)
+        except LoraplexError as exc:
+            raise AdapterIncompatible(
+                f"{resolved.adapter}@{resolved.version} cannot be loaded by this engine: {exc.message}",
+                metadata={"adapter": resolved.adapter},
+            ) from exc
+        except Exception as exc:  # e.g. the safetensors library refusing a file the registry accepted
+            log.exception("parsing adapter %s failed", resolved.digest)
+            raise AdapterIncompatible(
+                f"{resolved.adapter}@{resolved.version} cannot be loaded by this engine: {exc}",
+                metadata={"adapter": resolved.adapter},
+            ) from exc
+        if self._pin_memory:
+            adapter = await asyncio.to_thread(pin_host_adapter, adapter)
+        return adapter
+
     async def _fetch(self, resolved: ResolvedAdapter, token: str) -> None:
         started = self._clock()
         try:
             config, weights, tier = await self._load_bytes(resolved, token)
-            spec = self._engine.model_spec
-            adapter = await asyncio.to_thread(HostAdapter.from_bytes, config, weights, spec, self._max_rank)
-            if self._pin_memory:
-                adapter = await asyncio.to_thread(pin_host_adapter, adapter)
-            self._make_room(adapter.nbytes, resolved.digest)
-            self._engine.add_adapter(resolved.digest, adapter)
-            self._host[resolved.digest] = HostEntry(resolved, adapter.nbytes, self._clock())
+            adapter = await self._parse(resolved, config, weights)
+            info = AdapterInfo(resolved.adapter, resolved.version, resolved.rank)
+            evicted = await self._engine.add_adapter(resolved.digest, adapter, info)  # a failure fails waiters too
+            for _ in evicted:
+                self._event("host", "eviction")
             elapsed = self._clock() - started
             self.stats.load_seconds.append(elapsed)
             if self._observer is not None:
                 self._observer.on_load(tier, elapsed)
         except LoraplexError as exc:
             self.stats.download_failures += 1
-            self._engine.fail_adapter(resolved.digest, _incompatible_if_invalid(exc))
+            self._engine.fail_adapter(resolved.digest, exc)
             raise
         except Exception as exc:
             self.stats.download_failures += 1
-            log.exception("loading adapter %s failed", resolved.digest)
-            self._engine.fail_adapter(resolved.digest, Unavailable(f"loading adapter failed: {exc}"))
-            raise
-
-    def _drop_host(self, digest: str) -> None:
-        """Remove ``digest`` from the engine's host tier and this LRU (``FailedPrecondition`` while in use)."""
-        self._engine.remove_adapter(digest)
-        del self._host[digest]
-        self.stats.host_evictions += 1
-        self._event("host", "eviction")
-
-    def _make_room(self, needed: int, incoming: str) -> None:
-        """Evict least-recently-used, unpinned, unused host adapters until ``needed`` bytes fit."""
-        used = sum(e.nbytes for e in self._host.values())
-        for digest in list(self._host):
-            if used + needed <= self._budget:
-                break
-            entry = self._host[digest]
-            if entry.pinned or digest == incoming:
-                continue
-            try:
-                self._drop_host(digest)
-            except FailedPrecondition:
-                continue  # in use by a live request
-            used -= entry.nbytes
-        if used + needed > self._budget:
-            raise ResourceExhausted(
-                f"host adapter cache is full ({used} of {self._budget} bytes held by pinned or busy adapters)",
-                reason="HOST_CACHE_FULL",
-            )
+            log.exception("fetching adapter %s failed", resolved.digest)
+            error = Unavailable("fetching the adapter failed; retry the request", reason="FETCH_FAILED")
+            self._engine.fail_adapter(resolved.digest, error)
+            raise error from exc
 
     # -- admin ---------------------------------------------------------------------------------------------
     def disk_bytes(self) -> int:
         return self._disk.used_bytes() if self._disk is not None else 0
 
-    def entries(self) -> list[HostEntry]:
-        return list(self._host.values())
-
-    def entry(self, digest: str) -> HostEntry | None:
-        return self._host.get(digest)
-
-    def pin(self, digest: str, pinned: bool) -> HostEntry:
-        entry = self._host.get(digest)
-        if entry is None:
-            raise FailedPrecondition(f"adapter {digest} is not resident; prefetch it first", reason="NOT_RESIDENT")
-        entry.pinned = pinned
-        return entry
-
-    def evict(self, digest: str) -> bool:
+    async def evict(self, digest: str) -> bool:
         """Drop an adapter from every tier (``FailedPrecondition`` while requests use it)."""
-        if digest not in self._host:
-            return False
-        self._drop_host(digest)
+        removed = await self._engine.evict_adapter(digest)
         if self._disk is not None:
-            self._disk.remove(digest)
+            await asyncio.to_thread(self._disk.remove, digest)
         for key in [k for k, (r, _) in self._resolved.items() if r.digest == digest]:
             del self._resolved[key]
-        return True
+        return removed
 
 
 def _digest_of(config_json: str, weights: bytes) -> str:
@@ -301,10 +306,3 @@ def pin_host_adapter(adapter: HostAdapter) -> HostAdapter:
         key: dataclasses.replace(m, a=m.a.pin_memory(), b=m.b.pin_memory()) for key, m in adapter.modules.items()
     }
     return dataclasses.replace(adapter, modules=modules)
-
-
-def _incompatible_if_invalid(exc: LoraplexError) -> LoraplexError:
-    """An adapter the registry accepted but this engine cannot hold is a precondition failure, not bad input."""
-    if exc.code == "INVALID_ARGUMENT":
-        return AdapterIncompatible(exc.message, metadata=exc.metadata)
-    return exc

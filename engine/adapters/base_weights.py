@@ -1,0 +1,107 @@
+"""Where each PEFT module's base weight lives inside the engine's (fused, transposed) model.
+
+Why one place: folding an adapter into the base (``merge``) and DoRA's per-column norm (``dora``) both need
+"the [h_out, h_in] weight of (layer, module)" — but the engine fuses q/k/v into ``qkv_proj`` and gate/up into
+``gate_up_proj`` (``fused_slices`` gives the output offsets) and stores ``Linear.weight_t`` transposed,
+[h_in, h_out]. ``locate`` hides that layout behind one small record, so neither caller repeats the arithmetic.
+
+Only plain blocks are located: a projection that is not exactly ``Linear`` (a quantized one, say) has no dense
+weight to fold into or to take a norm of, and is refused with ``FailedPrecondition`` naming it. LoRA wrappers
+(anything holding the plain block as ``.base``) are looked through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from loraplex.engine.adapters.types import ModuleKey
+from loraplex.engine.model.layers import Embedding, Linear, LMHead
+from loraplex.engine.model.llama import CausalLM, fused_slices
+from loraplex.registry.errors import FailedPrecondition
+from loraplex.registry.spec import ATTENTION_MODULES
+
+_Block = TypeVar("_Block", bound=nn.Module)
+_MAX_WRAPPERS = 8  # LoRA twins nest at most a few deep; a cycle must not loop forever
+
+
+@dataclass(frozen=True)
+class WeightSlice:
+    """One module's region of a model parameter.
+
+    storage:    the parameter's tensor, in its own layout
+    transposed: True when ``storage`` is [h_in, h_out] (``Linear.weight_t``, the embedding's [vocab, hidden],
+                a transposed LM head); False when it is [h_out, h_in]
+    offset, width: the module's output columns inside a fused projection (q/k/v, gate/up); 0 and h_out else
+    bias:       the module's own bias slice [h_out], or None
+    """
+
+    name: str
+    storage: torch.Tensor
+    transposed: bool
+    offset: int
+    width: int
+    bias: torch.Tensor | None
+
+    def region(self) -> torch.Tensor:
+        """A view of this module's elements in the storage layout (writes go through to the model)."""
+        if self.transposed:
+            return self.storage[:, self.offset : self.offset + self.width]
+        return self.storage[self.offset : self.offset + self.width]
+
+    def weight(self) -> torch.Tensor:
+        """The module's weight as PEFT sees it: [h_out, h_in] (a view, not a copy)."""
+        region = self.region()
+        return region.t() if self.transposed else region
+
+
+def _plain(module: nn.Module, kind: type[_Block], name: str) -> _Block:
+    """The plain block under any LoRA wrappers; ``FailedPrecondition`` unless it is exactly ``kind``."""
+    for _ in range(_MAX_WRAPPERS):
+        if isinstance(module, kind) and type(module) is kind:  # subclasses (quantized twins) are not plain
+            return module
+        inner = getattr(module, "base", None)
+        if not isinstance(inner, nn.Module):
+            break
+        module = inner
+    raise FailedPrecondition(
+        f"{name} is a {type(module).__name__}, not a plain {kind.__name__} with dense weights "
+        "(a quantized base model cannot have an adapter folded into it)",
+        reason="BASE_NOT_DENSE",
+    )
+
+
+def locate(model: CausalLM, key: ModuleKey) -> WeightSlice:
+    """The weight of PEFT module ``key`` = (layer, module) inside ``model``; raises ``FailedPrecondition``."""
+    layer, module = key
+    if layer is None:
+        if module == "embed_tokens":
+            emb = _plain(model.embed_tokens, Embedding, "embed_tokens")
+            weight = emb.weight  # [vocab, hidden] = [h_in, h_out] of ΔW = B·A [hidden, vocab]
+            return WeightSlice("embed_tokens", weight, True, 0, int(weight.shape[1]), None)
+        if module == "lm_head":
+            head = _plain(model.lm_head, LMHead, "lm_head")
+            storage = head.head  # [hidden, vocab] when transposed, else [vocab, hidden]
+            width = int(storage.shape[1] if head.transposed else storage.shape[0])
+            return WeightSlice("lm_head", storage, head.transposed, 0, width, None)
+        raise FailedPrecondition(f"module {module!r} needs a layer index")
+    if not 0 <= layer < len(model.layers):
+        raise FailedPrecondition(f"layer {layer} is out of range: the model has {len(model.layers)} layers")
+    block = model.layers[layer]
+    parent = block.self_attn if module in ATTENTION_MODULES else block.mlp
+    for attr, parts in fused_slices(model.args).items():
+        names = [name for name, _ in parts]
+        if module not in names:
+            continue
+        name = f"layers.{layer}.{attr}"
+        linear = _plain(getattr(parent, attr), Linear, name)
+        total = int(linear.weight_t.shape[1])
+        i = names.index(module)
+        offset = parts[i][1]
+        end = parts[i + 1][1] if i + 1 < len(parts) else total
+        bias = None if linear.bias is None else linear.bias[offset:end]
+        return WeightSlice(f"{name}[{module}]", linear.weight_t, True, offset, end - offset, bias)
+    raise FailedPrecondition(f"module {module!r} is not a projection of this model")
