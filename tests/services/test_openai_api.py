@@ -20,8 +20,10 @@ import torch
 from tests.e2e.stack import collect, engine_stub, stream_request
 from tests.engine.helpers import peft_model, prompts
 from tests.services.openai_helpers import (
+    ACME,
     ADMIN,
     BASE_MODEL,
+    BETA,
     Served,
     build_zoo,
     close,
@@ -228,6 +230,9 @@ async def test_models_lists_the_base_and_the_adapters_held(served: Served) -> No
     card = by_id["acme/o-down-r12@1"]
     assert card["parent"] == BASE_MODEL and card["owned_by"] == "acme"
     assert card["digest"] == served.pushed["o-down-r12"]
+    others = await served.client(BETA).models.list()  # a token without the acme namespace sees only the base
+    assert [m.id for m in others.data] == [BASE_MODEL]
+    assert "acme/o-down-r12@1" in {m.id for m in (await served.client(ACME).models.list()).data}
 
 
 async def test_request_id_is_honoured_and_echoed(served: Served) -> None:
