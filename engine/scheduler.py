@@ -17,8 +17,9 @@ device load fails fails its own requests with the typed error and is dropped; th
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from loraplex.engine.adapters.residency import AdapterResidency
@@ -60,6 +61,9 @@ class SchedulerLimits:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_adapters_per_step: int
+
+
+_STAGE_AHEAD = 4  # waiting requests whose adapters are staged when capacity (not the device) stopped admission
 
 
 def _keep_order(seq: Sequence) -> tuple[int, float]:
@@ -161,8 +165,10 @@ class Scheduler:
         adapters = {seq.adapter_key for seq in self.running if seq.adapter_key is not None}
         reserved: str | None = None  # an aged request's adapter that is blocked on the device: it goes next
         now = time.monotonic()
-        for seq in self.waiting.candidates():
+        candidates = self.waiting.candidates()
+        for seq in candidates:
             if budget == 0 or len(self.running) >= self.limits.max_num_seqs:
+                self._stage_ahead(seq, candidates, batch)
                 break
             if seq.status is not SequenceStatus.WAITING:
                 continue  # failed with its adapter earlier in this walk
@@ -193,6 +199,18 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             batch.items.append((seq, n))
             budget -= n
+
+    def _stage_ahead(self, first: Sequence, rest: Iterator[Sequence], batch: ScheduledBatch) -> None:
+        """The next waiting requests' adapters go to free device rows now, so admission only references them."""
+        for seq in itertools.islice(itertools.chain([first], rest), _STAGE_AHEAD):
+            key = seq.adapter_key
+            if key is None or seq.status is not SequenceStatus.WAITING:
+                continue
+            try:
+                self.residency.stage(key)
+            except LoraplexError as exc:
+                batch.events.extend(self.fail_adapter(key, exc))
+                self.residency.discard(key)
 
     # ---- router-protocol views -------------------------------------------------------------------------------
     def adapter_names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -129,17 +129,32 @@ class EngineApp:
     # ---- end OpenAI-compatible HTTP API ------------------------------------------------------------------
 
     async def start(self) -> ServerHandle:
+        """Start everything; on any failure, what was started is stopped again before the error propagates."""
         s = self.settings
         authority = TokenAuthority.from_file(s.tokens_file)
         binding = ServiceBinding(SERVICE_NAME, self.servicer, pb_grpc.add_EngineServiceServicer_to_server)
         self.handle = await start_server(
             [binding], s.listen, authority, insecure=s.insecure, serving=False, drain_seconds=s.drain_seconds
         )
-        # ---- OpenAI-compatible HTTP API (issue 10): up now, 503 ENGINE_LOADING until the runtime is set ----
-        if s.http_listen:
-            app = build_app(lambda: self.servicer.runtime, lambda: self.serving, authority, Path(s.model))
-            self.http = await HttpServer.start(app, s.http_listen, authority, insecure=s.insecure)
-        # ---- end OpenAI-compatible HTTP API --------------------------------------------------------------
+        try:
+            # ---- OpenAI-compatible HTTP API (issue 10): up now, 503 ENGINE_LOADING until the runtime is set ----
+            if s.http_listen:
+                app = build_app(lambda: self.servicer.runtime, lambda: self.serving, authority, Path(s.model))
+                self.http = await HttpServer.start(app, s.http_listen, authority, insecure=s.insecure)
+            # ---- end OpenAI-compatible HTTP API ----------------------------------------------------------
+            return await self._start_engine(self.handle)
+        except BaseException:
+            await self.handle.stop(grace=0)
+            if self.http is not None:  # OpenAI-compatible HTTP API (issue 10)
+                await self.http.stop(grace=0)
+            if self.engine is not None:
+                await self.engine.shutdown()
+            if self.client is not None:
+                await self.client.close()
+            raise
+
+    async def _start_engine(self, handle: ServerHandle) -> ServerHandle:
+        s = self.settings
         config = engine_config(s)
         config.validate()
         if s.registry:
@@ -166,9 +181,9 @@ class EngineApp:
         frontend = GenerationFrontend(engine, self.fetcher, self.metrics)
         info = model_info(s, engine, config, self.base_model)
         self.servicer.runtime = EngineRuntime(engine, self.fetcher, info, self.metrics, frontend)
-        await self.handle.set_serving(True)
-        log.info("engine serving", extra={"port": self.handle.port, "model": s.model, "base_model": self.base_model})
-        return self.handle
+        await handle.set_serving(True)
+        log.info("engine serving", extra={"port": handle.port, "model": s.model, "base_model": self.base_model})
+        return handle
 
     def _snapshot(self) -> tuple[EngineStats, int] | None:
         if self.engine is None:

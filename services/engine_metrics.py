@@ -35,48 +35,43 @@ class _SnapshotCollector(Collector):
         self._read = read
 
     def collect(self) -> Iterator[Metric]:
+        """Every family always (so ``# TYPE`` lines exist before the engine loads); samples once it has."""
         snapshot = self._read()
-        if snapshot is None:
-            return
-        st, disk_bytes = snapshot
-        yield _gauge("loraplex_num_requests_waiting", "Requests waiting to be scheduled", st.num_waiting)
-        yield _gauge("loraplex_num_requests_running", "Requests in the running batch", st.num_running)
-        yield _gauge("loraplex_kv_cache_usage_perc", "Used KV-cache blocks over all blocks (0..1)", st.kv_usage)
+        st, disk_bytes = snapshot if snapshot is not None else (None, 0)
+        waiting = GaugeMetricFamily("loraplex_num_requests_waiting", "Requests waiting to be scheduled")
+        running = GaugeMetricFamily("loraplex_num_requests_running", "Requests in the running batch")
+        usage = GaugeMetricFamily("loraplex_kv_cache_usage_perc", "Used KV-cache blocks over all blocks (0..1)")
+        free = GaugeMetricFamily("loraplex_kv_blocks_free", "Free KV-cache blocks")
         config = GaugeMetricFamily(
-            "loraplex_cache_config_info", "KV-cache layout", labels=["block_size", "num_gpu_blocks"]
+            "loraplex_cache_config_info", "KV-cache layout (value 1)", labels=["block_size", "num_gpu_blocks"]
         )
-        config.add_metric([str(st.block_size), str(st.kv_blocks_total)], 1.0)
-        yield config
         lora = GaugeMetricFamily(
             "loraplex_lora_requests_info",
             "Adapters with running and with only waiting requests (value: snapshot time, seconds)",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
-        running, waiting = ",".join(st.running_adapter_names), ",".join(st.waiting_adapter_names)
-        lora.add_metric([running, waiting, str(st.max_adapters_per_step)], st.created)
-        yield lora
         loaded = GaugeMetricFamily(
-            "loraplex_lora_adapter_loaded", "Resident adapters (1 each)", labels=["adapter", "tier", "pinned", "rank"]
+            "loraplex_lora_adapter_loaded",
+            "Resident adapters (value 1 each)",
+            labels=["adapter", "tier", "pinned", "rank"],
         )
-        for view in st.residents:
-            name = f"{view.info.adapter}@{view.info.version}" if view.info.adapter else view.key
-            tier = "gpu" if view.slot is not None else "cpu"
-            loaded.add_metric([name, tier, str(view.pinned).lower(), str(view.info.rank)], 1.0)
-        yield loaded
-        yield _gauge(
-            "loraplex_queue_depth", "Requests waiting to be scheduled (same as num_requests_waiting)", st.num_waiting
-        )
-        yield _gauge("loraplex_running_sequences", "Sequences in the running batch", st.num_running)
-        yield _gauge("loraplex_kv_blocks_free", "Free KV-cache blocks", st.kv_blocks_free)
         cache = GaugeMetricFamily("loraplex_adapter_cache_bytes", "Bytes held per adapter tier", labels=["tier"])
-        cache.add_metric(["device"], float(sum(r.nbytes for r in st.resident_adapters)))
-        cache.add_metric(["host"], float(st.host_bytes))
-        cache.add_metric(["disk"], float(disk_bytes))
-        yield cache
-
-
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, documentation, value=float(value))
+        if st is not None:
+            waiting.add_metric([], st.num_waiting)
+            running.add_metric([], st.num_running)
+            usage.add_metric([], st.kv_usage)
+            free.add_metric([], st.kv_blocks_free)
+            config.add_metric([str(st.block_size), str(st.kv_blocks_total)], 1.0)
+            names = [",".join(st.running_adapter_names), ",".join(st.waiting_adapter_names)]
+            lora.add_metric([*names, str(st.max_adapters_per_step)], st.created)
+            for view in st.residents:
+                name = f"{view.info.adapter}@{view.info.version}" if view.info.adapter else view.key
+                tier = "gpu" if view.slot is not None else "cpu"
+                loaded.add_metric([name, tier, str(view.pinned).lower(), str(view.info.rank)], 1.0)
+            cache.add_metric(["device"], float(sum(r.nbytes for r in st.resident_adapters)))
+            cache.add_metric(["host"], float(st.host_bytes))
+            cache.add_metric(["disk"], float(disk_bytes))
+        yield from (waiting, running, usage, free, config, lora, loaded, cache)
 
 
 class EngineMetrics:

@@ -78,7 +78,9 @@ class EngineSettings:
     merge_adapter: str = opt("", "registry reference of an adapter to fold into the base weights at start")
     max_num_seqs: int = opt(64, "sequences per batch")
     max_num_batched_tokens: int = opt(1024, "tokens per step (prefill chunks + decodes)")
-    max_adapters_per_batch: int = opt(16, "distinct adapters per step (device pool slots)")
+    max_adapters_per_batch: int = opt(
+        256, "distinct adapters per step (device pool slots; the pool's bytes usually bind first)"
+    )
     max_lora_rank: int = opt(64, "largest adapter rank this engine serves")
     kv_cache_bytes: int | None = opt(None, "KV-cache budget in bytes (default: max_num_seqs x 2048 tokens)")
     block_size: int = opt(16, "tokens per KV block")

@@ -129,10 +129,10 @@ class AdapterResidency:
         victims = self._host_victims(adapter.nbytes)
         for victim in victims:
             self._drop(victim)
+        self.pool.stage(key, adapter)  # a load failure raises here, before anything below changed
         self._host[key] = _HostEntry(adapter, info or AdapterInfo(rank=adapter.rank), adapter.nbytes, self._clock())
         self.version += 1
         self.host_version += 1
-        self.pool.stage(key, adapter)
         return victims
 
     def _host_victims(self, needed: int) -> list[str]:
@@ -199,6 +199,15 @@ class AdapterResidency:
     def can_acquire(self, key: str) -> bool:
         adapter = self.get(key)
         return adapter is not None and self.pool.can_acquire(key, adapter)
+
+    def stage(self, key: str) -> bool:
+        """Copy a host-resident adapter into free device rows ahead of its admission (never evicting)."""
+        entry = self._host.get(key)
+        if entry is None:
+            return False
+        staged = self.pool.stage(key, entry.adapter)
+        self.version += 1
+        return staged
 
     def acquire(self, key: str) -> int:
         """A device slot for a running sequence (loading and evicting as needed); typed errors on failure."""

@@ -109,7 +109,7 @@ def test_deadline_stops_work_and_frees_memory(tiny_models: dict[str, Path], tmp_
                         break
                     await asyncio.sleep(0.1)
                 assert stack.metric("loraplex_kv_blocks_free") == info.kv_cache_blocks
-                assert stack.metric("loraplex_running_sequences") == 0
+                assert stack.metric("loraplex_num_requests_running") == 0
 
         asyncio.run(scenario())
     finally:

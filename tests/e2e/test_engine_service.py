@@ -131,7 +131,7 @@ async def test_cancelling_200_streams_frees_everything(stack: Stack) -> None:
         await asyncio.gather(*(start_and_cancel(i) for i in range(200)))
         for _ in range(100):
             free = stack.metric("loraplex_kv_blocks_free")
-            running = stack.metric("loraplex_running_sequences") + stack.metric("loraplex_queue_depth")
+            running = stack.metric("loraplex_num_requests_running") + stack.metric("loraplex_num_requests_waiting")
             if free == info.kv_cache_blocks and running == 0:
                 break
             await asyncio.sleep(0.1)

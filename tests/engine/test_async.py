@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +14,7 @@ from loraplex.engine.adapters.host import HostAdapter
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.engine import LLMEngine
 from loraplex.engine.request import Delta, FinishReason
-from loraplex.registry.errors import AdapterNotFound, AlreadyExists, FailedPrecondition, QueueFull
+from loraplex.registry.errors import AdapterNotFound, AlreadyExists, FailedPrecondition, QueueFull, Unavailable
 from tests.engine.helpers import request
 
 ARCH = "qwen2"
@@ -107,3 +109,28 @@ async def test_closing_iterator_aborts_and_queue_full(engine: LLMEngine) -> None
             await anext(s)
     engine.abort("q0")  # idempotent after the end
     await _settle(engine)
+
+
+async def test_time_limits_are_delivered_even_when_the_step_fails(engine: LLMEngine) -> None:
+    """Issue 9 item 7: a request whose time ran out while a failing step ran still gets its TIME_LIMIT end."""
+    real_run = engine.core.runner.run
+    breaks_at = time.monotonic() + 0.3
+
+    def flaky(batch: Any) -> Any:
+        if time.monotonic() > breaks_at:
+            raise RuntimeError("simulated device fault")
+        return real_run(batch)
+
+    engine.core.runner.run = flaky  # type: ignore[method-assign]
+    # "limited" waits for an adapter nobody fetches, so it is still queued when its 0.3 s run out; "busy" keeps
+    # a forward pass running until the fault.
+    limited = engine.generate(request("limited", [5, 6], "never-fetched", max_new_tokens=5, time_limit_s=0.3))
+    busy = engine.generate(request("busy", [5, 6, 7], None, max_new_tokens=10_000, ignore_eos=True))
+    deltas = [d async for d in limited]
+    assert deltas[-1].finish_reason is FinishReason.TIME_LIMIT
+    with pytest.raises(Unavailable) as info:
+        async for _ in busy:
+            pass
+    assert info.value.reason == "STEP_FAILED"
+    await _settle(engine)
+    assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
