@@ -165,13 +165,11 @@ async def bench(args: argparse.Namespace, stack: Stack, work: Path) -> dict[str,
     ttft_ratio = pair["ttft_p99_ms"][0] / alone["ttft_p99_ms"][0]
     index = jain(eight["served_tokens"])
     print("| scenario | served tokens | TTFT p50 ms | TTFT p99 ms | figure |\n|---|---|---|---|---|")
+    a50, a99, p50, p99 = alone["ttft_p50_ms"], alone["ttft_p99_ms"], pair["ttft_p50_ms"], pair["ttft_p99_ms"]
+    print(f"| light alone | {alone['served_tokens']} | {a50[0]:.0f} | {a99[0]:.0f} | |")
     print(
-        f"| light alone | {alone['served_tokens']} | {alone['ttft_p50_ms'][0]:.0f} | {alone['ttft_p99_ms'][0]:.0f} | |"
-    )
-    print(
-        f"| light + heavy (10x) | {pair['served_tokens']} | {pair['ttft_p50_ms'][0]:.0f} / {pair['ttft_p50_ms'][1]:.0f} "
-        f"| {pair['ttft_p99_ms'][0]:.0f} / {pair['ttft_p99_ms'][1]:.0f} | light share {share:.1%}; light TTFT p99 "
-        f"{ttft_ratio:.2f}x alone |"
+        f"| light + heavy (10x) | {pair['served_tokens']} | {p50[0]:.0f} / {p50[1]:.0f} | {p99[0]:.0f} / {p99[1]:.0f} "
+        f"| light share {share:.1%}; light TTFT p99 {ttft_ratio:.2f}x alone |"
     )
     print(f"| 8 equal tenants | {eight['served_tokens']} | | | Jain's index {index:.3f} |")
     return {

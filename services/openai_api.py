@@ -175,12 +175,13 @@ class OpenAIApi:
     async def _submit(self, rt: EngineRuntime, body: SamplingBody, plan: _Plan, kind: str) -> Job:
         """Submit every prompt through the front door; on any failure abort those already submitted."""
         adapter = _adapter_ref(body.model, rt)
+        mix = body.mix.to_request() if body.mix is not None else None
         base_id = request_id_var.get()
         submissions: list[Submission] = []
         try:
             for i, ids in enumerate(plan.prompts):
                 request_id = base_id if len(plan.prompts) == 1 else f"{base_id}-{i}"
-                generation = GenerationInput(ids, plan.params, adapter, request_id, plan.priority)
+                generation = GenerationInput(ids, plan.params, adapter, request_id, plan.priority, mix)
                 submissions.append(await rt.frontend.submit(generation, DOOR))
         except BaseException:
             for submitted in submissions:

@@ -5,7 +5,7 @@ a client that sets them expects a behaviour; ignoring them would silently return
 non-default value is a 400 naming the field. Unknown fields are accepted (clients send ``user``, ``metadata``…)
 because they change nothing. Extensions use vLLM's names so existing clients work: ``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``, ``priority``,
-``return_tokens_as_token_ids``, ``chat_template_kwargs``.
+``return_tokens_as_token_ids``, ``chat_template_kwargs``; loraplex's own: ``mix`` (an adapter mix).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from loraplex.engine.adapters.mix import MixMethod
 from loraplex.engine.sampling import MAX_NEW_TOKENS_CAP, SamplingParams
 from loraplex.registry.errors import InvalidArgument
+from loraplex.services.mixes import MixRequest
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 MAX_PROMPTS_PER_REQUEST = 64
@@ -24,6 +26,30 @@ INT32 = 2**31 - 1
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class WeightedAdapterBody(BaseModel):
+    adapter: str = Field(min_length=1)
+    weight: float
+
+
+class MixBody(BaseModel):
+    """loraplex extension: several adapters combined for this request (the gRPC ``AdapterMix``); ``model`` then
+    names the base model. ``method``: cat (default), linear, ties, dare_linear or dare_ties."""
+
+    adapters: list[WeightedAdapterBody] = Field(min_length=1)
+    method: str = "cat"
+    density: float | None = None
+
+    def to_request(self) -> MixRequest:
+        names = {m.name.lower(): m for m in MixMethod}
+        method = names.get(self.method.lower().removeprefix("mix_method_"))
+        if method is None:
+            raise InvalidArgument(
+                f"mix.method must be one of {', '.join(sorted(names))}, got {self.method!r}",
+                metadata={"field": "mix.method"},
+            )
+        return MixRequest(tuple((m.adapter, m.weight) for m in self.adapters), method, self.density)
 
 
 class SamplingBody(BaseModel):
@@ -52,6 +78,7 @@ class SamplingBody(BaseModel):
     ignore_eos: bool = False
     priority: int | None = Field(default=None, ge=-INT32, le=INT32)
     return_tokens_as_token_ids: bool = False
+    mix: MixBody | None = None  # loraplex extension: an adapter mix (``model`` = the base model)
 
     @property
     def include_usage(self) -> bool:

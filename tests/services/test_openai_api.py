@@ -56,11 +56,11 @@ def model_name(adapter: str) -> str:
 
 
 async def complete(
-    client: openai.AsyncOpenAI, model: str, prompt: list[int], stream: bool
+    client: openai.AsyncOpenAI, model: str, prompt: list[int], stream: bool, extra: dict[str, Any] | None = None
 ) -> tuple[list[int], str, str]:
     """(token ids, text, finish reason) of one greedy completion, streamed or not."""
     kwargs: dict[str, Any] = dict(
-        model=model, prompt=prompt, max_tokens=NEW, temperature=0, logprobs=0, extra_body=AS_IDS
+        model=model, prompt=prompt, max_tokens=NEW, temperature=0, logprobs=0, extra_body={**AS_IDS, **(extra or {})}
     )
     if not stream:
         result = await client.completions.create(**kwargs)
@@ -247,3 +247,23 @@ async def test_request_id_is_honoured_and_echoed(served: Served) -> None:
         assert ok.json()["id"] == "cmpl-my-id-7"
         generated = await http.get("/v1/models", headers=auth)
         assert len(generated.headers["x-request-id"]) > 8
+
+
+async def test_an_adapter_mix_rides_in_the_body_like_grpc(served: Served) -> None:
+    """The ``mix`` body field is the gRPC AdapterMix: the same members and weights give the same tokens."""
+    prompt = prompts(1, 6, seed=31)[0]
+    mix = {"adapters": [{"adapter": "acme/qv-r4", "weight": 0.7}, {"adapter": "acme/mlp-r32", "weight": 1.3}]}
+    http = await complete(served.client(), BASE_MODEL, prompt, stream=False, extra={"mix": mix})
+    request = stream_request("", prompt, NEW)
+    request.mix.adapters.add(adapter="acme/qv-r4", weight=0.7)
+    request.mix.adapters.add(adapter="acme/mlp-r32", weight=1.3)
+    channel, stub = engine_stub(f"127.0.0.1:{served.app.handle.port}")  # type: ignore[union-attr]
+    async with channel:
+        via_grpc = await collect(stub, request, metadata=(("authorization", f"Bearer {ADMIN}"),))
+    assert http[0] == via_grpc.token_ids
+    client = served.client()
+    with pytest.raises(openai.BadRequestError):  # a mix and an adapter at once
+        await client.completions.create(model="acme/qv-r4", prompt=prompt, max_tokens=2, extra_body={"mix": mix})
+    with pytest.raises(openai.BadRequestError):
+        bad = {"adapters": mix["adapters"], "method": "median"}
+        await client.completions.create(model=BASE_MODEL, prompt=prompt, max_tokens=2, extra_body={"mix": bad})
