@@ -197,15 +197,16 @@ class S3BlobStore:
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        # botocore's texts name the endpoint URL, bucket and key: they go to ``detail`` (the server log) only.
         try:
             return fn(*args, **kwargs)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("404", "NoSuchKey", "NotFound"):
-                raise NotFound(f"blob not found: {exc}", reason="BLOB_NOT_FOUND") from None
-            raise Unavailable(f"blob store error: {exc}") from exc
+                raise NotFound("blob not found", reason="BLOB_NOT_FOUND", detail=str(exc)) from None
+            raise Unavailable(f"blob store error ({code or 'unknown'})", detail=str(exc)) from exc
         except BotoCoreError as exc:
-            raise Unavailable(f"blob store unreachable: {exc}") from exc
+            raise Unavailable("blob store unreachable", detail=str(exc)) from exc
 
     def put_file(self, key: str, path: Path) -> None:
         if self.exists(key):
@@ -317,7 +318,7 @@ def _stream_chunks(body: Any) -> Iterator[bytes]:
         while chunk := body.read(CHUNK_SIZE):
             yield chunk
     except (BotoCoreError, HTTPError, OSError) as exc:
-        raise Unavailable(f"blob store read failed: {exc}") from exc
+        raise Unavailable("blob store read failed", detail=str(exc)) from exc
     finally:
         body.close()
 

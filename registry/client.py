@@ -46,7 +46,11 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, peer: str = "registry") -> Loraple
     code = exc.code()
     message = exc.details() or code.name
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not reason:
-        return Unavailable(f"{peer} unavailable: {message}", reason=f"{peer.upper()}_UNAVAILABLE")
+        # gRPC's own text names the peer's address ("ipv4:10.0.0.5:50052: Connection refused"); a server that
+        # relays this error to its callers must not pass that on, so it is ``detail`` (logged, not sent).
+        return Unavailable(
+            f"{peer} unavailable ({code.name})", reason=f"{peer.upper()}_UNAVAILABLE", detail=f"{peer}: {message}"
+        )
     return error_from_status(code.name, message, reason, metadata)
 
 

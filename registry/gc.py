@@ -5,8 +5,8 @@ row may simply belong to an upload that is committing right now. Only blobs unre
 grace period go; the blob store refreshes a blob's modification time when an upload re-puts it, the reference
 set is read after the listing, and each candidate's age is re-checked just before it is deleted. The same
 grace protects writes in progress: a ``.tmp-*`` file or an S3 multipart upload is removed (aborted) only once its
-last sign of life (the file's mtime; the upload's start or newest part) is older than the grace period. S3 bills the parts of
-an incomplete multipart upload until it is aborted, so a killed registry must not leave them forever.
+last sign of life (the file's mtime; the upload's start or newest part) is older than the grace period. S3 bills
+the parts of an incomplete multipart upload until it is aborted, so a killed registry must not leave them forever.
 """
 
 from __future__ import annotations
