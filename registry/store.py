@@ -289,7 +289,7 @@ class SqlMetadataStore:
             has_versions = session.scalar(select(VersionRow.id).where(VersionRow.adapter_id == row.id).limit(1))
             if has_versions is not None and not force:
                 raise FailedPrecondition(
-                    f"adapter {name!r} still has versions; delete them first or pass force=True",
+                    f"adapter {name!r} still has versions: delete them first, or delete with force (CLI: --force)",
                     reason="ADAPTER_HAS_VERSIONS",
                 )
             session.execute(delete(AliasRow).where(AliasRow.adapter_id == row.id))

@@ -214,4 +214,3 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler[Any, Any], exc: Exception)
     return grpc.stream_stream_rpc_method_handler(
         reject_stream, handler.request_deserializer, handler.response_serializer
     )
-
