@@ -333,3 +333,13 @@ def test_a_closed_pipe_ends_a_listing_quietly(
         proc.wait(timeout=60)
         assert stderr == "", stderr
         assert proc.returncode == 1
+
+
+def test_an_unreachable_database_at_start_is_one_line(tmp_path: Path) -> None:
+    held, port = _held_port()
+    held.close()  # a port nothing listens on
+    db = f"postgresql+psycopg://loraplex@127.0.0.1:{port}/registry"
+    for command in (["registry", "gc"], ["registry", "migrate"], ["registry", "serve", "--listen", "127.0.0.1:0"]):
+        result = run_cli([*command, "--db", db, "--blobs", f"file://{tmp_path / 'blobs'}"])
+        line = one_error_line(result, "UNAVAILABLE")
+        assert "metadata database unavailable" in line and str(port) in line  # the operator's own detail
