@@ -368,9 +368,7 @@ class SqlMetadataStore:
                 if exc.__cause__ is None:  # raised by us, not by a constraint: final
                     raise
                 last = exc
-        raise Unavailable(
-            f"could not allocate a version number for {adapter!r}", detail=last.detail if last else ""
-        )
+        raise Unavailable(f"could not allocate a version number for {adapter!r}", detail=last.detail if last else "")
 
     def get_version(self, adapter: str, version: int) -> AdapterVersion:
         with self.session_scope() as session:
