@@ -14,9 +14,7 @@ class EngineMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "loraplex_requests",
-            "Generation requests by door (grpc, http) and final status code",
-            ["door", "code"],
+            "loraplex_requests", "Generation requests by door (grpc, http) and final status code", ["door", "code"],
             registry=r,
         )
         self.tokens = Counter("loraplex_generated_tokens", "Tokens generated", registry=r)
