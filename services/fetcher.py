@@ -225,12 +225,10 @@ class AdapterFetcher:
     async def _load_bytes(self, resolved: ResolvedAdapter, token: str) -> tuple[str, bytes, str]:
         """(config, weights, tier) from the disk tier when it holds a verified copy, else from the registry."""
         if self._disk is not None:
-            cached = await asyncio.to_thread(self._disk.get, resolved.digest)
-            if cached is not None and _digest_of(*cached) == resolved.digest:
+            cached = await asyncio.to_thread(self._disk.get, resolved.digest)  # verified: a damaged entry is a miss
+            if cached is not None:
                 self._event("disk", "hit")
                 return cached[0], cached[1], "disk"
-            if cached is not None:  # present but not what its name says: a damaged entry is a miss
-                await asyncio.to_thread(self._disk.remove, resolved.digest)
             self._event("disk", "miss")
         downloaded = await self._client.download(f"{resolved.adapter}@{resolved.digest}", token=token or None)
         self.stats.downloads += 1

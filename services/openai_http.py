@@ -128,11 +128,10 @@ class RequestContext:
             request_id_var.reset(reset_id)
 
     def _authenticate(self, headers: list[tuple[str, str]]) -> None:
+        """The same rules as gRPC (one ``TokenAuthority``; several Authorization headers are ambiguous)."""
         values = [v for k, v in headers if k == "authorization"]
-        if len(values) > 1:
-            raise Unauthenticated("send exactly one Authorization header")
+        principal_var.set(self.authority.authenticate_headers(values))
         authorization = values[0] if values else None
-        principal_var.set(self.authority.authenticate(authorization))
         token_var.set(authorization.partition(" ")[2].strip() if authorization else "")
 
 
