@@ -21,8 +21,8 @@ from safetensors.torch import load as load_safetensors
 from loraplex.engine.adapters.types import ModuleKey, ModuleLoRA
 from loraplex.registry.errors import InvalidAdapter
 from loraplex.registry.peft_format import parse_adapter_config, parse_lora_key, validate_adapter
-from loraplex.registry.weights_check import check_weights_bytes
 from loraplex.registry.spec import ModelSpec
+from loraplex.registry.weights_check import check_weights_bytes
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
