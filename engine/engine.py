@@ -207,6 +207,10 @@ class LLMEngine:
     def pin_adapter(self, key: str, pinned: bool) -> asyncio.Future[None]:
         return self._ask(lambda: self._core.residency.pin(key, pinned))
 
+    def host_adapter(self, key: str) -> asyncio.Future[HostAdapter | None]:
+        """The parsed adapter held under ``key`` (None if absent); adapters are immutable, so sharing is safe."""
+        return self._ask(lambda: self._core.residency.get(key))
+
     def resident(self, key: str) -> asyncio.Future[ResidentView | None]:
         """A fresh view of one adapter, read on the step thread (for admin answers that must not be stale)."""
         return self._ask(lambda: self._core.residency.view(key))

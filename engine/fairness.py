@@ -10,7 +10,8 @@ The order, one step at a time (``candidates``):
   3. Fairness between tenants at equal priority: the tenant with the least *virtual service* goes next (S-LoRA's
      virtual token counter, VTC): every prompt or output token the engine computes for a tenant adds
      ``1 / weight`` to its counter. A tenant that becomes active again has its counter lifted to the least
-     counter among the active tenants, so idle time is not banked as credit.
+     counter among the active tenants — or, when none is active, to the counter of the last tenant that left —
+     so neither idle time nor an idle engine is banked as credit.
   4. FCFS within a tenant (at equal priority).
 The caller may skip a candidate it cannot place (its adapter is not fetched yet, or no device room) without
 blocking the others; ``charge`` during the walk makes the next pick see the service just granted.
@@ -40,6 +41,7 @@ class FairQueue:
         self._running: defaultdict[str, int] = defaultdict(int)
         self._waiting_keys: defaultdict[str, int] = defaultdict(int)
         self._size = 0
+        self._idle_floor = 0.0  # the counter of the last tenant to become inactive
 
     # ---- membership ------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -73,6 +75,7 @@ class FairQueue:
         queue.remove(seq)
         if not queue:
             del self._by_tenant[tenant]
+            self._maybe_left(tenant)
         self._size -= 1
         if seq.adapter_key is not None:
             left = self._waiting_keys[seq.adapter_key] - 1
@@ -91,9 +94,11 @@ class FairQueue:
     # ---- service accounting ----------------------------------------------------------------------------
     def on_running(self, seq: Sequence, running: bool) -> None:
         """Track running sequences per tenant (a tenant with running work is active)."""
-        self._running[seq.request.tenant] += 1 if running else -1
-        if self._running[seq.request.tenant] <= 0:
-            del self._running[seq.request.tenant]
+        tenant = seq.request.tenant
+        self._running[tenant] += 1 if running else -1
+        if self._running[tenant] <= 0:
+            del self._running[tenant]
+            self._maybe_left(tenant)
 
     def charge(self, tenant: str, tokens: int) -> None:
         """``tokens`` computed for ``tenant``: its virtual service grows by tokens / weight."""
@@ -108,10 +113,14 @@ class FairQueue:
     def _active(self, tenant: str) -> bool:
         return tenant in self._by_tenant or tenant in self._running
 
+    def _maybe_left(self, tenant: str) -> None:
+        if not self._active(tenant):
+            self._idle_floor = self._counters.get(tenant, 0.0)
+
     def _lift(self, tenant: str) -> None:
         active = [self._counters.get(t, 0.0) for t in {*self._by_tenant, *self._running} if t != tenant]
-        if active:
-            self._counters[tenant] = max(self._counters.get(tenant, 0.0), min(active))
+        floor = min(active) if active else self._idle_floor
+        self._counters[tenant] = max(self._counters.get(tenant, 0.0), floor)
 
     # ---- admission order -------------------------------------------------------------------------------
     def is_aged(self, seq: Sequence, now: float) -> bool:

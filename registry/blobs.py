@@ -31,6 +31,21 @@ class BlobInfo:
     modified: datetime
 
 
+@dataclass(frozen=True)
+class IncompleteWrite:
+    """Bytes an interrupted write left behind: a local ``.tmp-*`` file or an S3 multipart upload never completed.
+
+    ``name`` is the file path or object key, ``handle`` what removing it needs (path or upload id), ``modified``
+    its last sign of life (a file's mtime; an upload's start or its newest part, whichever is later).
+    """
+
+    kind: str  # "temp-file" | "multipart-upload"
+    name: str
+    handle: str
+    size: int
+    modified: datetime
+
+
 def blob_key_for(sha256_hex: str) -> str:
     """The content-addressed key of a blob whose bytes hash to ``sha256_hex``."""
     return f"sha256/{sha256_hex}"
@@ -58,6 +73,12 @@ class BlobStore(Protocol):
     def delete(self, key: str) -> None: ...
 
     def list(self, prefix: str = "") -> Iterator[BlobInfo]: ...
+
+    def list_incomplete(self) -> Iterator[IncompleteWrite]:
+        """What interrupted writes left under this store (gc removes the old ones: S3 bills multipart parts)."""
+        ...
+
+    def discard_incomplete(self, item: IncompleteWrite) -> None: ...
 
 
 class LocalBlobStore:
@@ -122,6 +143,22 @@ class LocalBlobStore:
                 stat = path.stat()
                 yield BlobInfo(key, stat.st_size, datetime.fromtimestamp(stat.st_mtime, UTC))
 
+    def list_incomplete(self) -> Iterator[IncompleteWrite]:
+        """``.tmp-*`` files of ``put_file`` calls that never reached ``os.replace`` (a killed process)."""
+        for path in sorted(self.root.rglob(f"{_TMP_PREFIX}*")):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            if path.is_file():
+                modified = datetime.fromtimestamp(stat.st_mtime, UTC)
+                yield IncompleteWrite("temp-file", str(path), str(path), stat.st_size, modified)
+
+    def discard_incomplete(self, item: IncompleteWrite) -> None:
+        path = Path(item.handle)
+        if path.name.startswith(_TMP_PREFIX) and path.resolve().is_relative_to(self.root):
+            path.unlink(missing_ok=True)
+
 
 def _file_chunks(handle: Any, offset: int) -> Iterator[bytes]:
     with handle:
@@ -160,15 +197,16 @@ class S3BlobStore:
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        # botocore's texts name the endpoint URL, bucket and key: they go to ``detail`` (the server log) only.
         try:
             return fn(*args, **kwargs)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("404", "NoSuchKey", "NotFound"):
-                raise NotFound(f"blob not found: {exc}", reason="BLOB_NOT_FOUND") from None
-            raise Unavailable(f"blob store error: {exc}") from exc
+                raise NotFound("blob not found", reason="BLOB_NOT_FOUND", detail=str(exc)) from None
+            raise Unavailable(f"blob store error ({code or 'unknown'})", detail=str(exc)) from exc
         except BotoCoreError as exc:
-            raise Unavailable(f"blob store unreachable: {exc}") from exc
+            raise Unavailable("blob store unreachable", detail=str(exc)) from exc
 
     def put_file(self, key: str, path: Path) -> None:
         if self.exists(key):
@@ -215,6 +253,39 @@ class S3BlobStore:
             for obj in page.get("Contents", []):
                 yield BlobInfo(obj["Key"][strip:], int(obj["Size"]), obj["LastModified"].astimezone(UTC))
 
+    def list_incomplete(self) -> Iterator[IncompleteWrite]:
+        """Multipart uploads under this store's prefix that were started and never completed or aborted."""
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        pages = self._call(lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=prefix)))
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                key, upload_id = upload["Key"], upload["UploadId"]
+                size, last_part = self._parts(key, upload_id)
+                modified = max(upload["Initiated"].astimezone(UTC), last_part)
+                yield IncompleteWrite("multipart-upload", key, upload_id, size, modified)
+
+    def _parts(self, key: str, upload_id: str) -> tuple[int, datetime]:
+        """(bytes uploaded so far, time of the newest part): an upload still receiving parts is alive."""
+        paginator = self._client.get_paginator("list_parts")
+        oldest = datetime.min.replace(tzinfo=UTC)
+        try:
+            pages = self._call(lambda: list(paginator.paginate(Bucket=self.bucket, Key=key, UploadId=upload_id)))
+        except Unavailable as exc:
+            if _s3_error_code(exc.__cause__) != "NoSuchUpload":
+                raise
+            return 0, oldest  # completed or aborted meanwhile: nothing left to count
+        parts = [part for page in pages for part in page.get("Parts", [])]
+        newest = max((part["LastModified"].astimezone(UTC) for part in parts), default=oldest)
+        return sum(int(part["Size"]) for part in parts), newest
+
+    def discard_incomplete(self, item: IncompleteWrite) -> None:
+        try:
+            self._call(self._client.abort_multipart_upload, Bucket=self.bucket, Key=item.name, UploadId=item.handle)
+        except Unavailable as exc:
+            if _s3_error_code(exc.__cause__) != "NoSuchUpload":  # completed or aborted meanwhile: nothing to do
+                raise
+
     def create_bucket_if_missing(self) -> None:
         """For tests and demos only: the service never creates buckets on its own."""
         create_bucket_if_missing(self._client, self.bucket)
@@ -233,6 +304,11 @@ def create_bucket_if_missing(client: Any, bucket: str) -> None:
             client.create_bucket(Bucket=bucket)
 
 
+def _s3_error_code(exc: BaseException | None) -> str:
+    response = getattr(exc, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+
+
 def _stream_chunks(body: Any) -> Iterator[bytes]:
     """Chunks of a GET body; a connection lost mid-stream surfaces as ``Unavailable``, like a failed GET."""
     from botocore.exceptions import BotoCoreError
@@ -242,7 +318,7 @@ def _stream_chunks(body: Any) -> Iterator[bytes]:
         while chunk := body.read(CHUNK_SIZE):
             yield chunk
     except (BotoCoreError, HTTPError, OSError) as exc:
-        raise Unavailable(f"blob store read failed: {exc}") from exc
+        raise Unavailable("blob store read failed", detail=str(exc)) from exc
     finally:
         body.close()
 

@@ -7,6 +7,7 @@ the engine can answer NOT_FOUND for an unknown adapter because the registry said
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from loraplex.registry.context import UNSET, request_id_var
@@ -46,7 +48,11 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, peer: str = "registry") -> Loraple
     code = exc.code()
     message = exc.details() or code.name
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not reason:
-        return Unavailable(f"{peer} unavailable: {message}", reason=f"{peer.upper()}_UNAVAILABLE")
+        # gRPC's own text names the peer's address ("ipv4:10.0.0.5:50052: Connection refused"); a server that
+        # relays this error to its callers must not pass that on, so it is ``detail`` (logged, not sent).
+        return Unavailable(
+            f"{peer} unavailable ({code.name})", reason=f"{peer.upper()}_UNAVAILABLE", detail=f"{peer}: {message}"
+        )
     return error_from_status(code.name, message, reason, metadata)
 
 
@@ -171,6 +177,55 @@ class RegistryClient:
             raise Unavailable(f"download of {ref} failed its sha256 check", reason="DOWNLOAD_CORRUPT")
         return DownloadedAdapter(version=version, weights=buffer.getvalue())
 
+    async def download_to(
+        self,
+        ref: str,
+        path: Path,
+        token: str | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> pb.AdapterVersion:
+        """Stream a version's weights into ``path`` chunk by chunk, resuming after the bytes already there.
+
+        Memory stays at one chunk whatever the adapter's size. The bytes already in ``path`` are taken as the
+        first part of the same content (so pass an immutable ``name@sha256:…`` ref when resuming) and hashed
+        first; the whole file's sha256 is checked at the end and a file that fails it is removed, so the next
+        attempt starts over instead of resuming from bad bytes.
+        """
+        hasher = hashlib.sha256()
+        offset = await asyncio.to_thread(_hash_into, hasher, path) if path.exists() else 0
+        version: pb.AdapterVersion | None = None
+        received = offset
+        with path.open("ab") as out:
+            try:
+                call = self._stub.DownloadAdapterVersion(
+                    pb.DownloadAdapterVersionRequest(ref=ref, offset=offset),
+                    metadata=self._metadata(token),
+                    timeout=self._timeout,
+                )
+                async for message in call:
+                    if message.HasField("adapter_version"):
+                        version = message.adapter_version
+                    chunk = message.chunk
+                    await asyncio.to_thread(_write_and_hash, out, hasher, chunk)
+                    received += len(chunk)
+                    if on_progress is not None and version is not None:
+                        on_progress(received, version.size_bytes)
+            except grpc.aio.AioRpcError as exc:
+                raise error_from_rpc(exc) from None
+        if version is None:
+            raise Unavailable(f"download of {ref} ended before its metadata", reason="DOWNLOAD_INCOMPLETE")
+        if received != version.size_bytes:
+            raise Unavailable(
+                f"download of {ref} ended at byte {received} of {version.size_bytes}", reason="DOWNLOAD_INCOMPLETE"
+            )
+        if hasher.hexdigest() != version.weights_sha256:
+            path.unlink(missing_ok=True)
+            raise Unavailable(
+                f"download of {ref} failed its sha256 check (the partial file was removed; retry)",
+                reason="DOWNLOAD_CORRUPT",
+            )
+        return version
+
     # -- writes ------------------------------------------------------------------------------------------
     async def register_base_model(self, name: str, config_json: str) -> pb.BaseModel:
         request = pb.RegisterBaseModelRequest(name=name, config_json=config_json)
@@ -217,6 +272,26 @@ class RegistryClient:
             raise error_from_rpc(exc) from None
         return response.adapter_version  # type: ignore[no-any-return]
 
+    async def update_adapter(
+        self,
+        name: str,
+        *,
+        description: str | None = None,
+        labels: dict[str, str] | None = None,
+        etag: str = "",
+    ) -> pb.Adapter:
+        """Change the description and/or replace the labels (only what is not None); a stale ``etag`` is ABORTED."""
+        adapter = pb.Adapter(name=name, etag=etag)
+        paths = []
+        if description is not None:
+            adapter.description = description
+            paths.append("description")
+        if labels is not None:
+            adapter.labels.update(labels)
+            paths.append("labels")
+        request = pb.UpdateAdapterRequest(adapter=adapter, update_mask=field_mask_pb2.FieldMask(paths=paths))
+        return (await self._call(self._stub.UpdateAdapter, request)).adapter  # type: ignore[no-any-return]
+
     async def set_alias(self, adapter: str, alias: str, version: int) -> pb.Adapter:
         request = pb.SetAliasRequest(adapter=adapter, alias=alias, version=version)
         return (await self._call(self._stub.SetAlias, request)).adapter  # type: ignore[no-any-return]
@@ -244,3 +319,18 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
     with path.open("rb") as f:
         while chunk := f.read(CHUNK_BYTES):
             yield chunk
+
+
+def _hash_into(hasher: Any, path: Path) -> int:
+    """Feed a file's bytes to ``hasher``; returns its size."""
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            hasher.update(chunk)
+            size += len(chunk)
+    return size
+
+
+def _write_and_hash(out: Any, hasher: Any, chunk: bytes) -> None:
+    out.write(chunk)
+    hasher.update(chunk)

@@ -88,9 +88,26 @@ class Page(Generic[T]):
 
 @dataclass(frozen=True)
 class GcReport:
-    """What a garbage collection pass did (or, with dry_run, would do)."""
+    """What a garbage collection pass removed (or, with dry_run, would remove), counted and in bytes.
+
+    ``deleted`` are orphan blob keys; spool files are staged uploads of crashed or abandoned uploads; temp files
+    are a local store's interrupted writes; multipart uploads are S3 uploads never completed (billed until aborted).
+    """
 
     deleted: list[str] = field(default_factory=list)
     kept_recent: int = 0
     referenced: int = 0
     spool_files_deleted: int = 0
+    deleted_bytes: int = 0
+    spool_bytes: int = 0
+    temp_files_deleted: int = 0
+    multipart_uploads_aborted: int = 0
+    incomplete_bytes: int = 0  # temp files + multipart parts
+
+    @property
+    def removed_count(self) -> int:
+        return len(self.deleted) + self.spool_files_deleted + self.temp_files_deleted + self.multipart_uploads_aborted
+
+    @property
+    def removed_bytes(self) -> int:
+        return self.deleted_bytes + self.spool_bytes + self.incomplete_bytes

@@ -13,14 +13,27 @@ from collections.abc import Mapping
 
 
 class LoraplexError(Exception):
-    """Base class: a failure a caller can act on. ``reason`` is stable and machine-readable."""
+    """Base class: a failure a caller can act on. ``reason`` is stable and machine-readable.
+
+    ``message`` goes to the caller; ``detail`` never does. Why the split: the cause of an infrastructure failure
+    (a driver's or botocore's text) names database hosts and ports, DSNs and S3 URLs, which are nobody's business
+    outside the server. Servers log ``detail`` with the request id; callers get ``message`` and that id.
+    """
 
     reason: str = "INTERNAL"
     code: str = "INTERNAL"
 
-    def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        detail: str = "",
+    ):
         super().__init__(message)
         self.message = message
+        self.detail = detail
         if reason is not None:
             self.reason = reason
         self.metadata: dict[str, str] = dict(metadata or {})

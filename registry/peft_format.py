@@ -8,6 +8,12 @@ Pattern semantics follow PEFT: ``rank_pattern``/``alpha_pattern`` keys are regex
 module's full name (``model.layers.3.self_attn.q_proj``) with ``(.*\\.)?(key)$``; the first matching key wins.
 ``target_modules`` as a list matches a full name exactly or by ``.<entry>`` suffix; as a string it is a regex
 that must match the full name; ``layers_to_transform`` restricts list targets to those layer indices.
+
+DoRA (``use_dora: true``) adds one ``lora_magnitude_vector`` tensor ``[out_features]`` per adapted linear module;
+it is validated like A and B. DoRA on ``embed_tokens`` / ``lm_head`` is refused: the engine does not serve it.
+
+Scales are bounded (``MAX_LORA_SCALE``): a scale is a plain float the engine multiplies into every token's LoRA
+output, so an absurd one (``lora_alpha = 1e308``) can only overflow the serving dtype, never adapt anything.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from loraplex.registry.spec import (
 )
 
 __all__ = [
+    "MAX_LORA_SCALE",
     "AdapterSummary",
     "LoraConfigInfo",
     "LoraKey",
@@ -43,24 +50,35 @@ __all__ = [
     "validate_adapter",
 ]
 
-LoraPart = Literal["A", "B", "embedding_A", "embedding_B", "base_layer"]
+LoraPart = Literal["A", "B", "embedding_A", "embedding_B", "base_layer", "magnitude"]
 ALLOWED_DTYPES = ("F32", "F16", "BF16")
 ALL_LINEAR_SHORTHAND = "all-linear"
 _MAX_PATTERN_LEN = 256
 _PREFIX = "base_model.model."
+# The largest |scale| (alpha / r, or alpha / sqrt(r) with rsLoRA, per module after rank/alpha patterns) accepted.
+# Why 1e4: published recipes stay within ~0.25..64 (rsLoRA with a large alpha), so 1e4 leaves two orders of
+# magnitude of headroom for odd but real choices, while scale x (B A x) stays far from the float16 limit (65504)
+# for any sane weights and from the float32 limit (3.4e38) that ``lora_alpha = 1e308`` overflowed in the engine.
+MAX_LORA_SCALE = 1e4
+MAGNITUDE_SUFFIX = "lora_magnitude_vector"
 
 _LAYER_KEY_RE = re.compile(
     r"^base_model\.model\.model\.layers\.(?P<layer>0|[1-9][0-9]{0,5})\.(?P<path>[A-Za-z0-9_.]+?)"
-    r"\.lora_(?P<part>A|B)\.weight$"
+    r"\.(?:lora_(?P<part>A|B)\.weight|(?P<magnitude>lora_magnitude_vector))$"
 )
 _EMBED_KEY_RE = re.compile(
-    r"^base_model\.model\.model\.embed_tokens\.(?:lora_embedding_(?P<part>A|B)|(?P<base>base_layer\.weight))$"
+    r"^base_model\.model\.model\.embed_tokens\."
+    r"(?:lora_embedding_(?P<part>A|B)|(?P<base>base_layer\.weight)|(?P<magnitude>lora_magnitude_vector))$"
 )
-_HEAD_KEY_RE = re.compile(r"^base_model\.model\.lm_head\.(?:lora_(?P<part>A|B)\.weight|(?P<base>base_layer\.weight))$")
+_HEAD_KEY_RE = re.compile(
+    r"^base_model\.model\.lm_head\."
+    r"(?:lora_(?P<part>A|B)\.weight|(?P<base>base_layer\.weight)|(?P<magnitude>lora_magnitude_vector))$"
+)
+# DoRA cannot be combined with these: the engine applies DoRA's column norm to linear projections only.
+_DORA_UNSUPPORTED_MODULES = ("embed_tokens", "lm_head")
 
 # Config keys naming PEFT features whose tensors or math this runtime does not implement: must be falsy.
 _UNSUPPORTED_FEATURES = (
-    "use_dora",
     "use_qalora",
     "use_bdlora",
     "lora_bias",
@@ -100,6 +118,8 @@ def lora_key(module: str, layer: int | None, part: LoraPart) -> str:
     path = _PREFIX + module_path(module, layer)
     if part == "base_layer":
         return f"{path}.base_layer.weight"
+    if part == "magnitude":
+        return f"{path}.{MAGNITUDE_SUFFIX}"
     if module == "embed_tokens":
         return f"{path}.lora_embedding_{part[-1]}"
     return f"{path}.lora_{part[-1]}.weight"
@@ -116,23 +136,26 @@ def parse_lora_key(key: str) -> LoraKey:
         path, part = m["path"], m["part"]
         group, _, module = path.rpartition(".")
         if (group == "self_attn" and module in ATTENTION_MODULES) or (group == "mlp" and module in MLP_MODULES):
-            return LoraKey(int(m["layer"]), module, "A" if part == "A" else "B")
+            return LoraKey(int(m["layer"]), module, "magnitude" if m["magnitude"] else "A" if part == "A" else "B")
         raise AdapterIncompatible(
             f"tensor {key!r} adapts module {path!r}, which is not supported; supported: {', '.join(ALL_MODULES)}",
         )
     m = _EMBED_KEY_RE.fullmatch(key)
     if m:
-        return LoraKey(
-            None,
-            "embed_tokens",
-            "base_layer" if m["base"] else ("embedding_A" if m["part"] == "A" else "embedding_B"),
-        )
+        embed_part: LoraPart = "embedding_A" if m["part"] == "A" else "embedding_B"
+        return LoraKey(None, "embed_tokens", _special_part(m, embed_part))
     m = _HEAD_KEY_RE.fullmatch(key)
     if m:
-        return LoraKey(None, "lm_head", "base_layer" if m["base"] else ("A" if m["part"] == "A" else "B"))
+        return LoraKey(None, "lm_head", _special_part(m, "A" if m["part"] == "A" else "B"))
     raise InvalidAdapter(
         f"tensor {key!r} is not a PEFT LoRA key (expected base_model.model.<module>.lora_A.weight ...)"
     )
+
+
+def _special_part(m: re.Match[str], lora_part: LoraPart) -> LoraPart:
+    if m["base"]:
+        return "base_layer"
+    return "magnitude" if m["magnitude"] else lora_part
 
 
 def _compile(pattern: str, what: str) -> re.Pattern[str]:
@@ -165,6 +188,7 @@ class LoraConfigInfo:
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] | None = None
     exclude_modules: tuple[str, ...] | str | None = None
+    use_dora: bool = False  # DoRA: a lora_magnitude_vector per adapted module (the engine reads it from here)
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def rank_for(self, module: str, layer: int | None) -> int:
@@ -256,6 +280,9 @@ def parse_adapter_config(json_text: str | bytes) -> LoraConfigInfo:
     use_rslora = raw.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise InvalidAdapter(f"adapter_config use_rslora must be a boolean, got {use_rslora!r}")
+    use_dora = raw.get("use_dora") or False
+    if not isinstance(use_dora, bool):
+        raise InvalidAdapter(f"adapter_config use_dora must be a boolean, got {use_dora!r}")
     rank_pattern_raw = raw.get("rank_pattern") or {}
     alpha_pattern_raw = raw.get("alpha_pattern") or {}
     if not isinstance(rank_pattern_raw, dict) or not isinstance(alpha_pattern_raw, dict):
@@ -296,6 +323,7 @@ def parse_adapter_config(json_text: str | bytes) -> LoraConfigInfo:
         layers_to_transform=layers_t,
         layers_pattern=layers_pattern or None,
         exclude_modules=_str_list(raw.get("exclude_modules"), "exclude_modules"),
+        use_dora=use_dora,
         raw=raw,
     )
 
@@ -311,7 +339,8 @@ def resolve_targets(config: LoraConfigInfo, spec: ModelSpec, max_rank: int) -> d
     """Every (module, layer) of ``spec`` the config adapts, with its rank: all that is knowable pre-upload.
 
     Raises ``AdapterIncompatible`` when a listed target matches no supported module of this model, nothing is
-    targeted, or a rank exceeds ``max_rank``.
+    targeted, or a rank exceeds ``max_rank``; ``InvalidAdapter`` when a module's scale is non-finite or beyond
+    ``MAX_LORA_SCALE`` (reason ``LORA_SCALE_OUT_OF_RANGE``) or DoRA targets an embedding.
     """
     slots = _all_slots(spec)
     paths = [module_path(m, i) for m, i in slots]
@@ -330,12 +359,36 @@ def resolve_targets(config: LoraConfigInfo, spec: ModelSpec, max_rank: int) -> d
                 raise AdapterIncompatible(
                     f"rank {rank} of {module_path(module, layer)} exceeds the maximum rank {max_rank}",
                 )
+            _check_scale(config, module, layer)
+            if config.use_dora and module in _DORA_UNSUPPORTED_MODULES:
+                raise InvalidAdapter(
+                    f"DoRA (use_dora=true) on {module} is not supported: DoRA is served on the linear modules of the "
+                    f"decoder layers only ({', '.join(LINEAR_MODULES)}); train without {module} in target_modules "
+                    "or without use_dora"
+                )
             out[(module, layer)] = rank
     if not out:
         raise AdapterIncompatible(
             f"target_modules {config.target_modules!r} match no supported module of {spec.architecture}",
         )
     return out
+
+
+def _check_scale(config: LoraConfigInfo, module: str, layer: int | None) -> None:
+    """The effective scale PEFT would use for this module must be finite and at most ``MAX_LORA_SCALE``."""
+    try:
+        scale = config.scale_for(module, layer)
+    except (OverflowError, ZeroDivisionError):
+        scale = math.inf
+    if not math.isfinite(scale) or abs(scale) > MAX_LORA_SCALE:
+        rank, alpha = config.rank_for(module, layer), config.alpha_for(module, layer)
+        rs = config.use_rslora
+        formula = f"alpha / sqrt(r) = {alpha!r} / sqrt({rank})" if rs else f"alpha / r = {alpha!r} / {rank}"
+        raise InvalidAdapter(
+            f"LoRA scale of {module_path(module, layer)} is {formula} = {scale!r}; it must be finite with a magnitude "
+            f"of at most {MAX_LORA_SCALE:g} (check lora_alpha, alpha_pattern, rank_pattern and use_rslora)",
+            reason="LORA_SCALE_OUT_OF_RANGE",
+        )
 
 
 @dataclass(frozen=True)
@@ -352,6 +405,7 @@ class AdapterSummary:
     dtype: str
     num_params: int
     num_tensors: int
+    use_dora: bool = False
 
 
 def _expected_shape(part: LoraPart, rank: int, in_features: int, out_features: int) -> tuple[int, int]:
@@ -368,6 +422,9 @@ def _check_tensor(
             f"tensor {name!r} is for layer {key.layer} but the base model has {spec.num_hidden_layers} layers"
         )
     in_f, out_f = spec.module_shapes()[key.module]
+    if key.part == "magnitude":
+        _check_magnitude(name, key, info, out_f, targets)
+        return
     if key.part == "base_layer":
         want = (spec.vocab_size, spec.hidden_size)
         if info.shape != want:
@@ -391,10 +448,37 @@ def _check_tensor(
         )
 
 
+def _check_magnitude(
+    name: str, key: LoraKey, info: TensorInfo, out_features: int, targets: Mapping[tuple[str, int | None], int]
+) -> None:
+    """DoRA's magnitude: one entry per output feature of the adapted module (PEFT's ``[out_features]``)."""
+    slot = (key.module, key.layer)
+    if slot not in targets:
+        raise InvalidAdapter(f"tensor {name!r} adapts {module_path(*slot)}, which adapter_config does not target")
+    if len(info.shape) != 1:
+        raise InvalidAdapter(f"tensor {name!r} has shape {list(info.shape)}, expected 1 dimension [{out_features}]")
+    if info.shape[0] != out_features:
+        raise AdapterIncompatible(
+            f"tensor {name!r} has shape {list(info.shape)}, expected [{out_features}] for this base model"
+        )
+
+
 def validate_adapter(
-    config: LoraConfigInfo, tensors: Mapping[str, TensorInfo], spec: ModelSpec, max_rank: int
+    config: LoraConfigInfo,
+    tensors: Mapping[str, TensorInfo],
+    spec: ModelSpec,
+    max_rank: int,
+    *,
+    allow_dora: bool = False,
 ) -> AdapterSummary:
-    """Check a parsed config + safetensors header against a base model; return what the registry records."""
+    """Check a parsed config + safetensors header against a base model; return what the registry records.
+
+    ``allow_dora``: whether the caller can use DoRA adapters. The registry stores them (``True``); a loader that
+    has no DoRA math must keep the default, so a DoRA adapter is refused as incompatible rather than served as
+    if it were plain LoRA (its magnitudes silently ignored).
+    """
+    if config.use_dora and not allow_dora:
+        raise AdapterIncompatible("this engine does not serve DoRA adapters (adapter_config use_dora=true)")
     targets = resolve_targets(config, spec, max_rank)
     if not tensors:
         raise InvalidAdapter("adapter weights contain no tensors")
@@ -412,6 +496,8 @@ def validate_adapter(
             )
         if key.part == "base_layer" and (key.module, None) not in targets:
             raise InvalidAdapter(f"tensor {name!r} copies a base layer that adapter_config does not target")
+        if key.part == "magnitude" and not config.use_dora:
+            raise InvalidAdapter(f"tensor {name!r} is a DoRA magnitude but adapter_config does not set use_dora")
         _check_tensor(name, key, info, spec, targets)
         seen.add((key.module, key.layer, key.part))
         if key.part != "base_layer":
@@ -429,6 +515,11 @@ def validate_adapter(
                 f"have no "
                 f"tensor {lora_key(module, layer, a)!r} (adapter made for a different base model?)"
             )
+        if config.use_dora and (module, layer, "magnitude") not in seen:
+            raise InvalidAdapter(
+                f"tensor {lora_key(module, layer, 'magnitude')!r} is missing: a DoRA adapter (use_dora=true) needs "
+                "a magnitude vector for every module it adapts"
+            )
     module_ranks: dict[str, int] = {}
     for (module, _), rank in targets.items():
         module_ranks[module] = max(rank, module_ranks.get(module, 0))
@@ -443,4 +534,5 @@ def validate_adapter(
         dtype=dtypes.pop(),
         num_params=num_params,
         num_tensors=len(tensors),
+        use_dora=config.use_dora,
     )

@@ -16,16 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraplex.registry.blobs import BlobStore, blob_key_for
-from loraplex.registry.digest import version_digest
+from loraplex.registry.digest import canonical_config, version_digest
 from loraplex.registry.entities import Adapter, AdapterVersion, BaseModel, GcReport, Page
-from loraplex.registry.errors import InvalidAdapter, InvalidArgument
+from loraplex.registry.errors import AlreadyExists, InvalidAdapter, InvalidArgument
 from loraplex.registry.failpoints import failpoint
 from loraplex.registry.gc import SPOOL_PREFIX, collect_garbage
 from loraplex.registry.pagination import decode_token, encode_token, fingerprint, page_limit
 from loraplex.registry.peft_format import (
     LoraConfigInfo,
     parse_adapter_config,
-    parse_safetensors_header,
     resolve_targets,
     validate_adapter,
 )
@@ -42,6 +41,7 @@ from loraplex.registry.refs import (
 )
 from loraplex.registry.spec import ModelSpec
 from loraplex.registry.store import NewVersion, SqlMetadataStore
+from loraplex.registry.weights_check import CheckedWeights, SafetensorsStream, check_weights_file
 
 GIB = 1024**3
 MAX_DESCRIPTION_LEN = 4096
@@ -59,7 +59,11 @@ class RegistryLimits:
 
 @dataclass(frozen=True)
 class UploadPlan:
-    """Everything ``begin_upload`` checked; ``existing`` is set when ``request_id`` already produced a version."""
+    """Everything ``begin_upload`` checked; ``existing`` is the version ``request_id`` already produced, if any.
+
+    An existing version whose config and size match is only a candidate: the weights decide (``finish_upload``
+    compares digests), unless the caller declared their sha256 up front and it matches (``settled``).
+    """
 
     adapter: str
     base_model: str
@@ -70,6 +74,15 @@ class UploadPlan:
     expected_sha256: str
     request_id: str
     existing: AdapterVersion | None = None
+
+    @property
+    def settled(self) -> bool:
+        """The retry provably carries the existing version's content: answer it without reading the weights."""
+        return self.existing is not None and self.expected_sha256 == self.existing.weights_sha256
+
+    def weights_stream(self) -> SafetensorsStream:
+        """The streaming checks to feed the weight bytes through as they arrive (see ``finish_upload``)."""
+        return SafetensorsStream(self.size_bytes)
 
 
 def _description(text: str) -> str:
@@ -221,6 +234,12 @@ class RegistryService:
         config = parse_adapter_config(config_json)
         resolve_targets(config, base.spec, self.limits.max_rank)
         existing = self.store.find_version_by_request_id(adapter, request_id) if request_id else None
+        if existing is not None and (
+            canonical_config(config_json) != canonical_config(existing.adapter_config_json)
+            or size_bytes != existing.size_bytes
+            or (expected_sha256 and expected_sha256 != existing.weights_sha256)
+        ):
+            raise _request_id_reused(request_id, existing)
         return UploadPlan(
             adapter=adapter,
             base_model=base.name,
@@ -233,14 +252,18 @@ class RegistryService:
             existing=existing,
         )
 
-    def finish_upload(self, plan: UploadPlan, weights_path: Path, weights_sha256: str) -> AdapterVersion:
+    def finish_upload(
+        self, plan: UploadPlan, weights_path: Path, weights_sha256: str, checked: CheckedWeights | None = None
+    ) -> AdapterVersion:
         """Validate the spooled weights, store the blob, then commit the READY version (numbered 1, 2, ...).
 
         ``weights_sha256`` is the hash the servicer computed while spooling; the blob is stored under it.
+        ``checked`` is what ``plan.weights_stream()`` returned after the caller fed it every byte while
+        spooling; without it the file is read once more for the same checks (header rules, finite weights).
+        A ``request_id`` that already made a version returns it when the content is the same, and is
+        ALREADY_EXISTS (``REQUEST_ID_REUSED``) when it is not: the upload is never silently dropped.
         """
         validate_sha256_hex(weights_sha256, "weights sha256")
-        if plan.existing is not None and plan.existing.weights_sha256 == weights_sha256:
-            return plan.existing
         size = Path(weights_path).stat().st_size
         if size != plan.size_bytes:
             raise InvalidAdapter(
@@ -251,9 +274,15 @@ class RegistryService:
                 f"weights sha256 {weights_sha256} does not match the declared {plan.expected_sha256}",
                 reason="CHECKSUM_MISMATCH",
             )
-        with open(weights_path, "rb") as handle:
-            tensors = parse_safetensors_header(handle, size)
-        summary = validate_adapter(plan.config, tensors, plan.spec, self.limits.max_rank)
+        if plan.existing is not None:
+            if plan.existing.digest != version_digest(plan.adapter_config_json, weights_sha256):
+                raise _request_id_reused(plan.request_id, plan.existing)
+            return plan.existing
+        if checked is None:
+            checked = check_weights_file(Path(weights_path), size)
+        elif checked.size != size:
+            raise InvalidArgument(f"checked {checked.size} bytes of weights but the file has {size}")
+        summary = validate_adapter(plan.config, checked.tensors, plan.spec, self.limits.max_rank, allow_dora=True)
         key = blob_key_for(weights_sha256)
         self.blobs.put_file(key, Path(weights_path))
         failpoint("after-blob-put")
@@ -328,6 +357,14 @@ class RegistryService:
         if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, int | float) or grace_seconds < 0:
             raise InvalidArgument(f"grace_seconds must be a non-negative number, got {grace_seconds!r}")
         return collect_garbage(self.store, self.blobs, self.spool_dir, float(grace_seconds), dry_run)
+
+
+def _request_id_reused(request_id: str, existing: AdapterVersion) -> AlreadyExists:
+    return AlreadyExists(
+        f"request_id {request_id!r} was already used for a different upload (version {existing.version} of "
+        f"{existing.adapter}): retry with the same content, or use a new request_id",
+        reason="REQUEST_ID_REUSED",
+    )
 
 
 def hash_file(path: Path) -> str:

@@ -97,15 +97,18 @@ class SqlMetadataStore:
         except IntegrityError as exc:
             session.rollback()
             if _is_foreign_key_error(exc):
-                raise Conflict(f"concurrent change to related rows: {exc.orig}", reason="CONCURRENT_CHANGE") from exc
-            raise AlreadyExists(f"already exists: {exc.orig}") from exc
+                raise Conflict(
+                    "concurrent change to related rows; retry", reason="CONCURRENT_CHANGE", detail=str(exc.orig)
+                ) from exc
+            raise AlreadyExists("already exists (a concurrent write won)", detail=str(exc.orig)) from exc
         except (OperationalError, InterfaceError) as exc:
             session.rollback()
-            raise Unavailable(f"metadata database unavailable: {exc.orig}") from exc
+            # The driver's text names the database host, port and user: for the server log only.
+            raise Unavailable("metadata database unavailable", detail=str(exc.orig)) from exc
         except DBAPIError as exc:
             session.rollback()
             if exc.connection_invalidated:
-                raise Unavailable(f"metadata database connection lost: {exc.orig}") from exc
+                raise Unavailable("metadata database connection lost", detail=str(exc.orig)) from exc
             raise
         except BaseException:
             session.rollback()
@@ -286,7 +289,7 @@ class SqlMetadataStore:
             has_versions = session.scalar(select(VersionRow.id).where(VersionRow.adapter_id == row.id).limit(1))
             if has_versions is not None and not force:
                 raise FailedPrecondition(
-                    f"adapter {name!r} still has versions; delete them first or pass force=True",
+                    f"adapter {name!r} still has versions: delete them first, or delete with force (CLI: --force)",
                     reason="ADAPTER_HAS_VERSIONS",
                 )
             session.execute(delete(AliasRow).where(AliasRow.adapter_id == row.id))
@@ -365,7 +368,7 @@ class SqlMetadataStore:
                 if exc.__cause__ is None:  # raised by us, not by a constraint: final
                     raise
                 last = exc
-        raise Unavailable(f"could not allocate a version number for {adapter!r}: {last}")
+        raise Unavailable(f"could not allocate a version number for {adapter!r}", detail=last.detail if last else "")
 
     def get_version(self, adapter: str, version: int) -> AdapterVersion:
         with self.session_scope() as session:

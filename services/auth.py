@@ -16,7 +16,7 @@ import contextvars
 import hashlib
 import hmac
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,19 @@ class TokenAuthority:
             entries.append(_Entry(digest, Principal(name, frozenset(namespaces), level, tenant)))
         return cls(entries)
 
+    def authenticate_headers(self, values: Sequence[str]) -> Principal:
+        """The principal for all the ``authorization`` values one call carried (gRPC metadata or HTTP headers).
+
+        More than one is refused even when auth is off: which one wins would differ between proxies, servers and
+        the registry the engine forwards the token to, so two values are ambiguous credentials, never "last wins".
+        """
+        if len(values) > 1:
+            raise Unauthenticated(
+                f"{len(values)} authorization headers sent: ambiguous credentials; send exactly one",
+                reason="AMBIGUOUS_CREDENTIALS",
+            )
+        return self.authenticate(values[0] if values else None)
+
     def authenticate(self, authorization: str | None) -> Principal:
         if not self.enabled:
             return ANONYMOUS
@@ -161,12 +174,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method = str(getattr(handler_call_details, "method", ""))
         if method.startswith(PUBLIC_SERVICE_PREFIXES):
             return await continuation(handler_call_details)
-        authorization = None
-        for key, value in getattr(handler_call_details, "invocation_metadata", None) or ():
-            if key == "authorization":
-                authorization = value if isinstance(value, str) else value.decode()
+        values = [
+            value if isinstance(value, str) else value.decode(errors="replace")
+            for key, value in getattr(handler_call_details, "invocation_metadata", None) or ()
+            if key == "authorization"
+        ]
+        authorization = values[0] if len(values) == 1 else None
         try:
-            principal = self._authority.authenticate(authorization)
+            principal = self._authority.authenticate_headers(values)
         except Unauthenticated as exc:
             return _rejecting_handler(await continuation(handler_call_details), exc)
         principal_var.set(principal)

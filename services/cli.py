@@ -2,14 +2,14 @@
 
 Why argparse and thin handlers: each handler parses flags into a settings object and calls one function
 (server bootstrap, registry client); user errors print as one line with the gRPC status and reason, never a
-traceback, and exit non-zero.
+traceback, and exit non-zero. A reader that closes the pipe early (``| head``) ends the command quietly.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -46,11 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = registry.add_parser("serve", help="run the registry gRPC server")
     add_arguments(serve, RegistrySettings)
     serve.set_defaults(handler=cli_registry.serve)
-    gc = registry.add_parser("gc", help="delete blobs no version references (older than the grace period)")
+    gc = registry.add_parser(
+        "gc",
+        parents=[as_json],
+        help="remove orphan blobs, stale staged uploads and interrupted writes (older than the grace period)",
+    )
     add_arguments(gc, RegistrySettings)
     gc.add_argument("--dry-run", action="store_true", help="only report what would be deleted")
     gc.set_defaults(handler=cli_registry.gc)
-    migrate = registry.add_parser("migrate", help="apply database migrations and exit")
+    migrate = registry.add_parser("migrate", parents=[as_json], help="apply database migrations and exit")
     add_arguments(migrate, RegistrySettings)
     migrate.set_defaults(handler=cli_registry.migrate)
 
@@ -81,17 +85,33 @@ def build_parser() -> argparse.ArgumentParser:
     adapters_list.add_argument("--namespace", default="")
     adapters_list.add_argument("--label", action="append", default=[], help="key=value filter (repeatable)")
     adapters_list.set_defaults(handler=cli_registry.adapters_list)
+    versions = adapters.add_parser("versions", parents=[client, as_json], help="list an adapter's versions")
+    versions.add_argument("name", help="namespace/name")
+    versions.set_defaults(handler=cli_registry.adapters_versions)
     show = adapters.add_parser("show", parents=[client, as_json], help="resolve a reference and show that version")
     show.add_argument("ref", help="ns/name, ns/name@3, ns/name@alias or ns/name@sha256:<hex>")
     show.set_defaults(handler=cli_registry.adapters_show)
-    pull = adapters.add_parser("pull", parents=[client, as_json], help="download a version into a PEFT folder")
+    pull = adapters.add_parser(
+        "pull", parents=[client, as_json], help="download a version into a PEFT folder (resumes an interrupted pull)"
+    )
     pull.add_argument("ref")
     pull.add_argument("dir")
+    pull.add_argument("--force", action="store_true", help="write into a folder that is not empty")
     pull.set_defaults(handler=cli_registry.adapters_pull)
     alias = adapters.add_parser("alias", parents=[client, as_json], help="point ALIAS at the version REF resolves to")
     alias.add_argument("ref")
     alias.add_argument("alias")
     alias.set_defaults(handler=cli_registry.adapters_alias)
+    unalias = adapters.add_parser("unalias", parents=[client, as_json], help="delete an alias of an adapter")
+    unalias.add_argument("name", help="namespace/name")
+    unalias.add_argument("alias")
+    unalias.set_defaults(handler=cli_registry.adapters_unalias)
+    update = adapters.add_parser("update", parents=[client, as_json], help="change an adapter's description or labels")
+    update.add_argument("name", help="namespace/name")
+    update.add_argument("--description", default=None, help="new description")
+    update.add_argument("--label", action="append", default=[], help="set key=value (repeatable)")
+    update.add_argument("--remove-label", action="append", default=[], help="remove this label key (repeatable)")
+    update.set_defaults(handler=cli_registry.adapters_update)
     delete = adapters.add_parser("delete", parents=[client, as_json], help="delete a version (ns/name@N) or an adapter")
     delete.add_argument("ref")
     delete.add_argument("--force", action="store_true", help="deleting a whole adapter: also delete its versions")
@@ -126,8 +146,16 @@ def client_settings(args: argparse.Namespace) -> ClientSettings:
     return from_sources(ClientSettings, args)
 
 
-def print_json(value: Any) -> None:
-    print(json.dumps(value, indent=2, sort_keys=True, default=str))
+def error_line(exc: LoraplexError) -> str:
+    """One line for the user. The local detail (e.g. which address did not answer) is theirs to see."""
+    detail = " ".join(exc.detail.split())
+    return f"error: {exc.code} ({exc.reason}): {exc.message}" + (f" [{detail}]" if detail else "")
+
+
+def _quiet_stdout() -> None:
+    """stdout's reader is gone: point stdout at /dev/null so the interpreter's final flush cannot fail too."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -136,8 +164,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     handler: Handler = args.handler
     try:
         code = asyncio.run(handler(args))
+        sys.stdout.flush()  # surface a closed pipe here, not as an "Exception ignored" at exit
     except LoraplexError as exc:
-        print(f"error: {exc.code} ({exc.reason}): {exc.message}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
+        code = 1
+    except BrokenPipeError:
+        _quiet_stdout()
         code = 1
     except KeyboardInterrupt:
         code = 130

@@ -1,23 +1,26 @@
-"""CLI handlers for ``registry``, ``models`` and ``adapters`` subcommands."""
+"""CLI handlers for ``registry``, ``models`` and ``adapters`` subcommands.
+
+Every handler reports through ``cli_output.emit``: with ``--json`` exactly one JSON document on stdout, otherwise
+human lines; progress and side notes go to stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import sys
-from collections.abc import Sequence
+import dataclasses
+import os
 from pathlib import Path
-from typing import Any
-
-from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from loraplex.registry.client import RegistryClient
-from loraplex.registry.errors import InvalidArgument, NotFound
+from loraplex.registry.errors import FailedPrecondition, InvalidArgument, NotFound
 from loraplex.registry.refs import parse_ref
+from loraplex.services.cli_output import emit, progress
 from loraplex.services.settings import ClientSettings, RegistrySettings, from_sources
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PARTIAL_SUFFIX = ".partial"
 
 
 def _client(args: argparse.Namespace) -> RegistryClient:
@@ -25,35 +28,23 @@ def _client(args: argparse.Namespace) -> RegistryClient:
     return RegistryClient(s.registry, s.token, s.timeout)
 
 
-def _emit(args: argparse.Namespace, message: Any, text: str) -> None:
-    if getattr(args, "json", False):
-        print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2, sort_keys=True))
-    else:
-        print(text)
-
-
 def _labels(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise InvalidArgument(f"label {pair!r} must be key=value")
+            raise InvalidArgument(f"--label {pair!r} must be key=value")
         out[key] = value
     return out
 
 
-def _print_json_list(messages: Sequence[Message]) -> None:
-    print(json.dumps([MessageToDict(m, preserving_proto_field_name=True) for m in messages], indent=2))
-
-
-def _progress() -> Progress:
-    return Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        transient=not sys.stderr.isatty(),
-    )
+def _human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
 
 
 # -- registry ------------------------------------------------------------------------------------------
@@ -72,13 +63,22 @@ async def gc(args: argparse.Namespace) -> int:
 
     settings = from_sources(RegistrySettings, args)
     report = await asyncio.to_thread(build_service(settings).gc, settings.gc_grace_seconds, args.dry_run)
-    verb = "would delete" if args.dry_run else "deleted"
-    print(
-        f"gc: {verb} {len(report.deleted)} orphan blob(s); "
-        f"kept {report.kept_recent} recent; {report.referenced} referenced"
-    )
-    for key in report.deleted:
-        print(f"  {key}")
+    verb = "would remove" if args.dry_run else "removed"
+    value = dataclasses.asdict(report) | {
+        "dry_run": bool(args.dry_run),
+        "removed_count": report.removed_count,
+        "removed_bytes": report.removed_bytes,
+    }
+    lines = [
+        f"gc: {verb} {report.removed_count} item(s), {_human_bytes(report.removed_bytes)}: "
+        f"{len(report.deleted)} orphan blob(s) ({_human_bytes(report.deleted_bytes)}), "
+        f"{report.spool_files_deleted} staged upload(s) ({_human_bytes(report.spool_bytes)}), "
+        f"{report.temp_files_deleted} temp file(s) and {report.multipart_uploads_aborted} incomplete multipart "
+        f"upload(s) ({_human_bytes(report.incomplete_bytes)}); kept {report.kept_recent} recent, "
+        f"{report.referenced} referenced",
+        *(f"  {key}" for key in report.deleted),
+    ]
+    emit(args, value, lines)
     return 0
 
 
@@ -86,7 +86,7 @@ async def migrate(args: argparse.Namespace) -> int:
     from loraplex.services.registry_app import build_service
 
     build_service(from_sources(RegistrySettings, args))
-    print("database is at the latest schema")
+    emit(args, {"migrated": True}, "database is at the latest schema")
     return 0
 
 
@@ -97,29 +97,26 @@ async def models_register(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"{config_path} not found: pass a Hugging Face model folder")
     async with _client(args) as client:
         model = await client.register_base_model(args.name, config_path.read_text())
-    _emit(
-        args,
-        model,
-        f"registered {model.name} ({model.architecture}, {model.num_hidden_layers} layers, hidden {model.hidden_size})",
-    )
+    shape = f"{model.architecture}, {model.num_hidden_layers} layers, hidden {model.hidden_size}"
+    emit(args, model, f"registered {model.name} ({shape})")
     return 0
 
 
 async def models_list(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         models = await client.list_base_models()
-    if args.json:
-        _print_json_list(models)
-        return 0
-    for m in models:
-        print(f"{m.name}\t{m.architecture}\tlayers={m.num_hidden_layers}\thidden={m.hidden_size}\tvocab={m.vocab_size}")
+    lines = [
+        f"{m.name}\t{m.architecture}\tlayers={m.num_hidden_layers}\thidden={m.hidden_size}\tvocab={m.vocab_size}"
+        for m in models
+    ]
+    emit(args, models, lines)
     return 0
 
 
 # -- adapters ------------------------------------------------------------------------------------------
 async def adapters_push(args: argparse.Namespace) -> int:
     folder = Path(args.dir)
-    config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for path in (config_path, weights_path):
         if not path.is_file():
             raise InvalidArgument(f"{path} not found: pass a PEFT adapter folder (save_pretrained output)")
@@ -133,44 +130,52 @@ async def adapters_push(args: argparse.Namespace) -> int:
                 ) from None
             await client.create_adapter(args.name, args.base_model, args.description, _labels(args.label))
         size = weights_path.stat().st_size
-        with _progress() as progress:
-            task = progress.add_task(f"push {args.name}", total=size)
+        with progress() as bar:
+            task = bar.add_task(f"push {args.name}", total=size)
             version = await client.upload(
                 args.name,
                 config_path.read_text(),
                 weights_path,
                 request_id=args.request_id,
-                on_progress=lambda done, total: progress.update(task, completed=done),
+                on_progress=lambda done, total: bar.update(task, completed=done),
             )
         for alias in args.alias:
             await client.set_alias(args.name, alias, version.version)
             version.aliases.append(alias)
-    _emit(
-        args,
-        version,
-        f"pushed {version.adapter}@{version.version} {version.digest} "
-        f"({version.size_bytes} bytes, rank {version.rank})",
-    )
+    summary = f"{version.digest} ({version.size_bytes} bytes, rank {version.rank})"
+    emit(args, version, f"pushed {version.adapter}@{version.version} {summary}")
     return 0
 
 
 async def adapters_list(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         adapters = await client.list_adapters(args.base_model, args.namespace, _labels(args.label))
-    if args.json:
-        _print_json_list(adapters)
-        return 0
+    lines = []
     for a in adapters:
         latest = a.latest_version if a.HasField("latest_version") else "-"
         aliases = ",".join(f"{k}->{v}" for k, v in sorted(a.aliases.items()))
-        print(f"{a.name}\tbase={a.base_model}\tlatest={latest}\taliases={aliases or '-'}")
+        lines.append(f"{a.name}\tbase={a.base_model}\tlatest={latest}\taliases={aliases or '-'}")
+    emit(args, adapters, lines)
+    return 0
+
+
+async def adapters_versions(args: argparse.Namespace) -> int:
+    """Every version of one adapter, newest first."""
+    async with _client(args) as client:
+        versions = await client.list_versions(args.name)
+    lines = [
+        f"{v.adapter}@{v.version}\t{v.digest[:19]}…\t{v.size_bytes} bytes\trank={v.rank}\t"
+        f"aliases={','.join(v.aliases) or '-'}"
+        for v in versions
+    ]
+    emit(args, versions, lines)
     return 0
 
 
 async def adapters_show(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         version = await client.resolve(args.ref)
-    _emit(
+    emit(
         args,
         version,
         f"{version.adapter}@{version.version}\n  digest   {version.digest}\n  size     {version.size_bytes}\n"
@@ -181,19 +186,40 @@ async def adapters_show(args: argparse.Namespace) -> int:
     return 0
 
 
-async def adapters_pull(args: argparse.Namespace) -> int:
-    folder = Path(args.dir)
-    async with _client(args) as client:
-        with _progress() as progress:
-            task = progress.add_task(f"pull {args.ref}", total=None)
-            result = await client.download(
-                args.ref, on_progress=lambda done, total: progress.update(task, completed=done, total=total)
+def _ready_folder(folder: Path, partial: Path, force: bool) -> None:
+    """The target folder may be new, empty, or hold only this pull's partial file; else ``--force`` is needed."""
+    if folder.exists() and not folder.is_dir():
+        raise FailedPrecondition(f"{folder} exists and is not a folder", reason="FOLDER_NOT_EMPTY")
+    if folder.is_dir() and not force:
+        others = sorted(p.name for p in folder.iterdir() if p != partial)
+        if others:
+            raise FailedPrecondition(
+                f"{folder} is not empty ({', '.join(others[:3])}{', …' if len(others) > 3 else ''}): "
+                "pass --force to overwrite the adapter files in it",
+                reason="FOLDER_NOT_EMPTY",
             )
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(result.version.adapter_config_json)
-    (folder / "adapter_model.safetensors").write_bytes(result.weights)
-    v = result.version
-    _emit(args, v, f"pulled {v.adapter}@{v.version} into {folder}")
+
+
+async def adapters_pull(args: argparse.Namespace) -> int:
+    """Stream a version into a PEFT folder; an interrupted pull of the same content resumes where it stopped."""
+    folder = Path(args.dir)
+    async with _client(args) as client:
+        version = await client.resolve(args.ref)
+        # Pin the content: a resumed pull must continue the same bytes even if an alias moved meanwhile.
+        pinned = f"{version.adapter}@{version.digest}"
+        partial = folder / f".{WEIGHTS_FILE}.{version.weights_sha256[:16]}{PARTIAL_SUFFIX}"
+        _ready_folder(folder, partial, args.force)
+        if partial.exists() and partial.stat().st_size > version.size_bytes:
+            partial.unlink()
+        with progress() as bar:
+            task = bar.add_task(f"pull {args.ref}", total=version.size_bytes)
+            await client.download_to(
+                pinned, partial, on_progress=lambda done, total: bar.update(task, completed=done, total=total)
+            )
+    (folder / CONFIG_FILE).write_text(version.adapter_config_json)
+    os.replace(partial, folder / WEIGHTS_FILE)
+    emit(args, version, f"pulled {version.adapter}@{version.version} into {folder}")
     return 0
 
 
@@ -201,7 +227,30 @@ async def adapters_alias(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         version = await client.resolve(args.ref)
         adapter = await client.set_alias(version.adapter, args.alias, version.version)
-    _emit(args, adapter, f"{adapter.name}@{args.alias} -> {version.version}")
+    emit(args, adapter, f"{adapter.name}@{args.alias} -> {version.version}")
+    return 0
+
+
+async def adapters_unalias(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        adapter = await client.delete_alias(args.name, args.alias)
+    emit(args, adapter, f"deleted alias {args.name}@{args.alias}")
+    return 0
+
+
+async def adapters_update(args: argparse.Namespace) -> int:
+    """Change the description and/or labels; labels are merged here and written back under the read etag."""
+    if args.description is None and not args.label and not args.remove_label:
+        raise InvalidArgument("nothing to update: pass --description, --label or --remove-label")
+    async with _client(args) as client:
+        current = await client.get_adapter(args.name)
+        labels = None
+        if args.label or args.remove_label:
+            labels = {k: v for k, v in current.labels.items() if k not in set(args.remove_label)}
+            labels |= _labels(args.label)
+        adapter = await client.update_adapter(args.name, description=args.description, labels=labels, etag=current.etag)
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(adapter.labels.items())) or "-"
+    emit(args, adapter, f"updated {adapter.name}: labels {shown}; description {adapter.description!r}")
     return 0
 
 
@@ -210,9 +259,10 @@ async def adapters_delete(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         if ref.selector_kind == "latest" and "@" not in args.ref:
             await client.delete_adapter(ref.name, force=args.force)
-            print(f"deleted adapter {ref.name}")
+            emit(args, {"deleted": {"adapter": ref.name}}, f"deleted adapter {ref.name}")
             return 0
         version = await client.resolve(args.ref)
         await client.delete_version(version.adapter, version.version)
-    print(f"deleted {version.adapter}@{version.version}")
+    value = {"deleted": {"adapter": version.adapter, "version": version.version, "digest": version.digest}}
+    emit(args, value, f"deleted {version.adapter}@{version.version}")
     return 0

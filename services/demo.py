@@ -115,6 +115,7 @@ def engine_settings(model_dir: Path, base_model: str, registry: str) -> EngineSe
         base_model=base_model,
         registry=registry,
         listen="127.0.0.1:0",
+        http_listen="127.0.0.1:0",
         max_num_seqs=256,
         max_num_batched_tokens=4096,
         kv_cache_bytes=32 * MiB,

@@ -97,6 +97,7 @@ class AdapterSpec:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     seed: int = 0
+    use_dora: bool = False  # DoRA: PEFT adds a lora_magnitude_vector per adapted module
 
 
 def build_adapter(model_dir: Path, out_dir: Path, spec: AdapterSpec) -> Path:
@@ -113,6 +114,7 @@ def build_adapter(model_dir: Path, out_dir: Path, spec: AdapterSpec) -> Path:
         use_rslora=spec.use_rslora,
         rank_pattern=dict(spec.rank_pattern),
         alpha_pattern=dict(spec.alpha_pattern),
+        use_dora=spec.use_dora,
         init_lora_weights=False,
         lora_dropout=0.0,
         task_type="CAUSAL_LM",

@@ -27,6 +27,9 @@ from loraplex.services.engine_metrics import EngineMetrics
 from loraplex.services.engine_servicer import SERVICE_NAME, EngineRuntime, EngineServicer
 from loraplex.services.fetcher import AdapterFetcher
 from loraplex.services.generation import GenerationFrontend
+from loraplex.services.mixes import MixBuilder
+from loraplex.services.openai_api import build_app
+from loraplex.services.openai_http import HttpServer
 from loraplex.services.server import ServerHandle, ServiceBinding, run_until_signal, start_server
 from loraplex.services.settings import EngineSettings
 
@@ -113,11 +116,20 @@ class EngineApp:
         self.client: RegistryClient | None = None
         self.metrics_port: int | None = None
         self.base_model = settings.base_model or Path(settings.model).name
+        self.http: HttpServer | None = None  # the OpenAI-compatible HTTP API (issue 10)
 
     @property
     def serving(self) -> bool:
         """Loaded, warmed up and not draining (what HTTP /health reports)."""
         return self.servicer.runtime is not None and self.engine is not None and not self.engine.draining
+
+    # ---- OpenAI-compatible HTTP API (issue 10) -----------------------------------------------------------
+    @property
+    def http_port(self) -> int | None:
+        """The OpenAI-compatible HTTP API's bound port; None when --http-listen is empty."""
+        return self.http.port if self.http is not None else None
+
+    # ---- end OpenAI-compatible HTTP API ------------------------------------------------------------------
 
     async def start(self) -> ServerHandle:
         """Start everything; on any failure, what was started is stopped again before the error propagates."""
@@ -128,9 +140,16 @@ class EngineApp:
             [binding], s.listen, authority, insecure=s.insecure, serving=False, drain_seconds=s.drain_seconds
         )
         try:
+            # ---- OpenAI-compatible HTTP API (issue 10): up now, 503 ENGINE_LOADING until the runtime is set ----
+            if s.http_listen:
+                app = build_app(lambda: self.servicer.runtime, lambda: self.serving, authority, Path(s.model))
+                self.http = await HttpServer.start(app, s.http_listen, authority, insecure=s.insecure)
+            # ---- end OpenAI-compatible HTTP API ----------------------------------------------------------
             return await self._start_engine(self.handle)
         except BaseException:
             await self.handle.stop(grace=0)
+            if self.http is not None:  # OpenAI-compatible HTTP API (issue 10)
+                await self.http.stop(grace=0)
             if self.engine is not None:
                 await self.engine.shutdown()
             if self.client is not None:
@@ -162,7 +181,8 @@ class EngineApp:
         self.metrics.bind_snapshot(self._snapshot)
         if s.metrics_port is not None:
             self.metrics_port = self.metrics.serve(s.metrics_port, s.metrics_host)
-        frontend = GenerationFrontend(engine, self.fetcher, self.metrics)
+        mixes = MixBuilder(engine, self.fetcher, config.max_lora_rank) if self.fetcher is not None else None
+        frontend = GenerationFrontend(engine, self.fetcher, self.metrics, mixes)
         info = model_info(s, engine, config, self.base_model)
         self.servicer.runtime = EngineRuntime(engine, self.fetcher, info, self.metrics, frontend)
         await handle.set_serving(True)
@@ -184,6 +204,10 @@ class EngineApp:
                 log.info("drain deadline reached; ended requests still in flight", extra={"count": ended})
         if self.handle is not None:
             await self.handle.drain(seconds=min(2.0, self.settings.drain_seconds))
+        # ---- OpenAI-compatible HTTP API (issue 10): the drain above ended its requests too; stop the server ----
+        if self.http is not None:
+            await self.http.stop(grace=min(2.0, self.settings.drain_seconds))
+        # ---- end OpenAI-compatible HTTP API --------------------------------------------------------------
         if self.engine is not None:
             await self.engine.shutdown()
         if self.client is not None:
@@ -195,5 +219,7 @@ async def serve_engine(settings: EngineSettings) -> None:
     handle = await app.start()
     if app.metrics_port is not None:
         print(f"loraplex engine metrics on port {app.metrics_port}", flush=True)
+    if app.http_port is not None:  # OpenAI-compatible HTTP API (issue 10)
+        print(f"loraplex engine http on port {app.http_port}", flush=True)
     print(f"loraplex engine listening on port {handle.port}", flush=True)
     await run_until_signal(handle, on_stop=app.stop)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer
 
+from loraplex.engine.adapters.mix import MixMethod
 from loraplex.engine.request import Delta, FinishReason
 from loraplex.engine.sampling import SamplingParams
 from loraplex.engine.v1 import engine_service_pb2 as pb
 from loraplex.registry.errors import InvalidArgument
+from loraplex.services.mixes import MixRequest
 
 FINISH_REASONS = {
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
@@ -44,6 +46,17 @@ def sampling_params(request: GenerateLike) -> SamplingParams:
         logprobs=resp.logprobs,
         top_logprobs=resp.top_logprobs,
         time_limit_s=time_limit,
+    )
+
+
+def mix_request(request: GenerateLike) -> MixRequest:
+    """The proto ``AdapterMix`` → ``MixRequest`` (the registry-free checks; members are resolved later)."""
+    mix = request.mix
+    density = mix.density if mix.HasField("density") else None
+    return MixRequest(
+        members=tuple((member.adapter, member.weight) for member in mix.adapters),
+        method=MixMethod.from_proto(mix.method),
+        density=density,
     )
 
 

@@ -28,6 +28,7 @@ from loraplex.services.auth import principal_var, require_admin, token_var
 from loraplex.services.engine_convert import (
     check_request_id,
     finish_reason_pb,
+    mix_request,
     prompt_token_ids,
     sampling_params,
     tokens_pb,
@@ -74,6 +75,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             check_request_id(request.request_id)
             prompt = prompt_token_ids(request, rt.engine.tokenizer)
             params = sampling_params(request)
+            mix = mix_request(request) if request.HasField("mix") else None
         except LoraplexError as exc:
             rt.metrics.count_request(DOOR, exc.code)
             raise
@@ -83,6 +85,7 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             adapter=request.adapter,
             request_id=request.request_id,
             priority=request.priority,
+            mix=mix,
         )
         return await rt.frontend.submit(generation, DOOR)
 
@@ -198,6 +201,9 @@ def _decorate_first(
     message: pb.GenerateStreamResponse | pb.GenerateResponse, submission: Submission, echo_prompt: bool
 ) -> None:
     resolved = submission.adapter
+    if submission.mix is not None:
+        planned = submission.mix
+        message.adapter.CopyFrom(pb.ResolvedAdapter(ref=planned.name, adapter=planned.name, digest=planned.digest))
     if resolved is not None:
         message.adapter.CopyFrom(
             pb.ResolvedAdapter(

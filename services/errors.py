@@ -40,17 +40,30 @@ def to_rpc_status(code: grpc.StatusCode, message: str, reason: str, metadata: di
 
 
 def describe(exc: BaseException, request_id: str) -> tuple[grpc.StatusCode, str, str, dict[str, str]]:
-    """(status code, message, ErrorInfo reason, ErrorInfo metadata) for any exception."""
+    """(status code, message, ErrorInfo reason, ErrorInfo metadata) for any exception.
+
+    Only an error's public ``message`` is sent. Its ``detail`` (a driver's or botocore's text, naming database
+    hosts, DSNs, S3 URLs) stays in the server log (``log_detail``); the message then carries the request id so
+    an operator can find that log line.
+    """
     if isinstance(exc, errors.LoraplexError):
         meta = dict(exc.metadata)
         meta.setdefault("request_id", request_id)
-        return status_code_for(exc), exc.message, exc.reason, meta
+        message = f"{exc.message} (request id {request_id})" if exc.detail else exc.message
+        return status_code_for(exc), message, exc.reason, meta
     return (
         grpc.StatusCode.INTERNAL,
         f"internal error (request id {request_id})",
         "INTERNAL",
         {"request_id": request_id},
     )
+
+
+def log_detail(exc: BaseException, where: str) -> None:
+    """Log what ``describe`` keeps from the caller (the current request id is on the line)."""
+    detail = getattr(exc, "detail", "")
+    if detail:
+        log.warning("%s failed: %s", where, detail, extra={"error": type(exc).__name__})
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
@@ -207,6 +220,7 @@ async def _fail(method: str, exc: Exception, context: grpc.aio.ServicerContext[A
     code, _, reason, _ = describe(exc, request_id_var.get())
     if code is grpc.StatusCode.INTERNAL:
         log.exception("unhandled error in %s", method, exc_info=exc)
+    log_detail(exc, method)
     _log_done(method, code.name, started, reason)
     await abort_with(context, exc)
 
@@ -248,6 +262,7 @@ def http_error(exc: BaseException, request_id: str, param: str | None = None) ->
     ``code`` is the ErrorInfo reason, so HTTP and gRPC clients see the same machine-readable cause.
     """
     code, message, reason, meta = describe(exc, request_id)
+    log_detail(exc, "HTTP request")
     status = HTTP_STATUS_FOR_CODE.get(code.name, 500)
     error_type = _OPENAI_ERROR_TYPE.get(status, "server_error" if status >= 500 else "invalid_request_error")
     field = param if param is not None else meta.get("field")

@@ -107,6 +107,7 @@ class AdapterFetcher:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._fetch_token: dict[str, str] = {}  # digest -> a token that resolved it (for engine-driven fetches)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._sources: list[Callable[[str], bool]] = []  # other producers of keys (adapter mixes)
         self.stats = FetchStats()
         engine.on_adapter_missing(self._adapter_missing)
 
@@ -208,7 +209,13 @@ class AdapterFetcher:
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._refetch, digest)
 
+    def add_source(self, rebuild: Callable[[str], bool]) -> None:
+        """Another producer of engine keys: ``rebuild(key)`` starts it and returns True when it owns ``key``."""
+        self._sources.append(rebuild)
+
     def _refetch(self, digest: str) -> None:
+        if any(rebuild(digest) for rebuild in self._sources):
+            return
         resolved = self.known(digest)
         if resolved is None:
             self._engine.fail_adapter(digest, Unavailable(f"adapter {digest} is not resolvable here any more"))
@@ -218,12 +225,10 @@ class AdapterFetcher:
     async def _load_bytes(self, resolved: ResolvedAdapter, token: str) -> tuple[str, bytes, str]:
         """(config, weights, tier) from the disk tier when it holds a verified copy, else from the registry."""
         if self._disk is not None:
-            cached = await asyncio.to_thread(self._disk.get, resolved.digest)
-            if cached is not None and _digest_of(*cached) == resolved.digest:
+            cached = await asyncio.to_thread(self._disk.get, resolved.digest)  # verified: a damaged entry is a miss
+            if cached is not None:
                 self._event("disk", "hit")
                 return cached[0], cached[1], "disk"
-            if cached is not None:  # present but not what its name says: a damaged entry is a miss
-                await asyncio.to_thread(self._disk.remove, resolved.digest)
             self._event("disk", "miss")
         downloaded = await self._client.download(f"{resolved.adapter}@{resolved.digest}", token=token or None)
         self.stats.downloads += 1

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from loraplex.engine.engine import LLMEngine
 from loraplex.engine.request import BASE_TENANT, Delta, GenerationRequest
 from loraplex.engine.sampling import SamplingParams
-from loraplex.registry.errors import FailedPrecondition, LoraplexError
+from loraplex.registry.errors import FailedPrecondition, InvalidArgument, LoraplexError
 from loraplex.registry.refs import namespace_of
 from loraplex.services.auth import principal_var, token_var
 from loraplex.services.engine_metrics import EngineMetrics
 from loraplex.services.fetcher import AdapterFetcher, ResolvedAdapter
+from loraplex.services.mixes import MixBuilder, MixRequest, PlannedMix
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class GenerationInput:
     adapter: str = ""  # registry reference as sent; "" = the base model
     request_id: str = ""  # "" = generate one
     priority: int = 0
+    mix: MixRequest | None = None  # several adapters combined (exclusive with ``adapter``)
 
 
 @dataclass
@@ -46,15 +48,23 @@ class Submission:
     adapter: ResolvedAdapter | None
     prompt_token_ids: list[int]
     deltas: AsyncIterator[Delta]
+    mix: PlannedMix | None = None
 
 
 class GenerationFrontend:
     """Shared by the gRPC servicer and the HTTP app of one engine process."""
 
-    def __init__(self, engine: LLMEngine, fetcher: AdapterFetcher | None, metrics: EngineMetrics) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        fetcher: AdapterFetcher | None,
+        metrics: EngineMetrics,
+        mixes: MixBuilder | None = None,
+    ) -> None:
         self.engine = engine
         self.fetcher = fetcher
         self.metrics = metrics
+        self.mixes = mixes
 
     def require_fetcher(self) -> AdapterFetcher:
         if self.fetcher is None:
@@ -77,28 +87,43 @@ class GenerationFrontend:
             raise
 
     async def _submit(self, request: GenerationInput, door: str, started: float) -> Submission:
+        if request.adapter and request.mix is not None:
+            raise InvalidArgument("adapter and mix are exclusive: name one adapter or a mix", metadata={"field": "mix"})
         request_id = request.request_id or uuid.uuid4().hex
         token = token_var.get()
         resolved: ResolvedAdapter | None = None
-        if request.adapter:
+        planned: PlannedMix | None = None
+        key: str | None = None
+        name: str | None = None
+        namespace = BASE_TENANT
+        if request.mix is not None:
+            if self.mixes is None:
+                self.require_fetcher()
+                raise FailedPrecondition("this engine cannot build adapter mixes", reason="NO_REGISTRY")
+            planned = await self.mixes.plan(request.mix, token)
+            key, name, namespace = planned.digest, planned.name, namespace_of(planned.members[0].adapter)
+        elif request.adapter:
             resolved = await self.require_fetcher().resolve(request.adapter, token)
-        tenant = principal_var.get().tenant or (namespace_of(resolved.adapter) if resolved else BASE_TENANT)
+            key, name, namespace = resolved.digest, request.adapter, namespace_of(resolved.adapter)
         stream = self.engine.generate(
             GenerationRequest(
                 request_id,
                 request.prompt_token_ids,
                 request.params,
-                adapter_key=resolved.digest if resolved else None,
-                adapter_name=request.adapter or None,
-                tenant=tenant,
+                adapter_key=key,
+                adapter_name=name,
+                tenant=principal_var.get().tenant or namespace,
                 priority=request.priority,
             )
         )
+        task = None
         if resolved is not None:
             task = self.require_fetcher().ensure(resolved, token)
-            if task is not None:
-                task.add_done_callback(_consume_exception)
-        return Submission(request_id, resolved, request.prompt_token_ids, self._observe(stream, door, started))
+        elif planned is not None and self.mixes is not None:
+            task = self.mixes.ensure(planned)
+        if task is not None:
+            task.add_done_callback(_consume_exception)
+        return Submission(request_id, resolved, request.prompt_token_ids, self._observe(stream, door, started), planned)
 
     async def _observe(self, stream: AsyncIterator[Delta], door: str, started: float) -> AsyncIterator[Delta]:
         """Relay deltas while recording TTFT, inter-token latency, tokens and the outcome by status code."""

@@ -19,9 +19,10 @@ import grpc
 
 from loraplex.registry.errors import InvalidArgument
 from loraplex.registry.refs import parse_ref, validate_adapter_name
-from loraplex.registry.service import RegistryService
+from loraplex.registry.service import RegistryService, UploadPlan
 from loraplex.registry.v1 import registry_service_pb2 as pb
 from loraplex.registry.v1 import registry_service_pb2_grpc as pb_grpc
+from loraplex.registry.weights_check import CheckedWeights
 from loraplex.services.auth import principal_var, require, require_admin
 from loraplex.services.convert import adapter_to_pb, base_model_to_pb, version_to_pb
 
@@ -179,22 +180,25 @@ class RegistryServicer(pb_grpc.AdapterRegistryServiceServicer):
             header.expected_sha256,
             header.request_id,
         )
-        if plan.existing is not None:
+        if plan.settled and plan.existing is not None:  # a retry that declared the existing content's sha256
             return pb.UploadAdapterVersionResponse(adapter_version=version_to_pb(plan.existing))
         spool = self._svc.new_spool_file()
         try:
-            digest = await self._receive(request_iterator, spool, header.size_bytes)
-            version = await asyncio.to_thread(self._svc.finish_upload, plan, spool, digest)
+            digest, checked = await self._receive(request_iterator, spool, plan)
+            version = await asyncio.to_thread(self._svc.finish_upload, plan, spool, digest, checked)
         finally:
             spool.unlink(missing_ok=True)
         return pb.UploadAdapterVersionResponse(adapter_version=version_to_pb(version))
 
     @staticmethod
     async def _receive(
-        request_iterator: AsyncIterator[pb.UploadAdapterVersionRequest], spool: Path, declared: int
-    ) -> str:
-        """Stream chunks to the spool file, hashing as they come; stop early on protocol or size violations."""
+        request_iterator: AsyncIterator[pb.UploadAdapterVersionRequest], spool: Path, plan: UploadPlan
+    ) -> tuple[str, CheckedWeights]:
+        """Stream chunks to the spool file, hashing and checking them as they come (header rules, finite
+        weights); stop at the first protocol, size or content violation, before the rest is read."""
+        declared = plan.size_bytes
         hasher = hashlib.sha256()
+        checks = plan.weights_stream()
         received = 0
         with spool.open("wb") as out:
             async for message in request_iterator:
@@ -205,13 +209,14 @@ class RegistryServicer(pb_grpc.AdapterRegistryServiceServicer):
                 if received > declared:
                     raise InvalidArgument(f"received more than the declared {declared} bytes", reason="SIZE_MISMATCH")
                 hasher.update(chunk)
+                checks.feed(chunk)
                 out.write(chunk)
             out.flush()
             # fsync waits for the disk (a 1 GB spool: seconds): never on the event loop every RPC shares.
             await asyncio.to_thread(os.fsync, out.fileno())
         if received != declared:
             raise InvalidArgument(f"upload ended after {received} of {declared} declared bytes", reason="SIZE_MISMATCH")
-        return hasher.hexdigest()
+        return hasher.hexdigest(), checks.finish()
 
     async def GetAdapterVersion(
         self, request: pb.GetAdapterVersionRequest, context: Context

@@ -15,6 +15,7 @@ import asyncio
 import ipaddress
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +103,38 @@ def check_exposure(listen: str, authority: TokenAuthority, insecure: bool) -> No
         )
 
 
+def probe_bind(listen: str) -> None:
+    """Refuse an address that cannot be bound, with the OS's reason, before gRPC tries (and logs) it.
+
+    Why a probe: gRPC reports a failed bind only as "Failed to bind" after writing its own log line to stderr; the
+    operator should get one line that says why (``BIND_FAILED``: address already in use). The probe binds like
+    gRPC does (``SO_REUSEADDR``, no ``SO_REUSEPORT``) and closes at once; anything it cannot judge (a hostname that
+    does not resolve, port 0, a unix socket) is left to gRPC, whose failure maps to the same reason.
+    """
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) == 0 or host.startswith("unix"):
+        return
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]") or None, int(port_text), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, UnicodeError):
+        return
+    failures: list[OSError] = []
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                failures.append(exc)
+    if infos and len(failures) == len(infos):  # gRPC too fails only when no resolved address binds
+        reason = failures[0].strerror or str(failures[0])
+        raise FailedPrecondition(f"cannot listen on {listen}: {reason}", reason="BIND_FAILED")
+
+
 async def start_server(
     bindings: Sequence[ServiceBinding],
     listen: str,
@@ -125,9 +158,15 @@ async def start_server(
     reflection.enable_server_reflection(
         (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(listen)
+    probe_bind(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:  # an address in use or malformed: grpcio raises (older releases returned 0)
+        port = 0
     if port == 0:
-        raise FailedPrecondition(f"cannot bind {listen}", reason="BIND_FAILED")
+        raise FailedPrecondition(
+            f"cannot listen on {listen}: the address is in use or cannot be bound", reason="BIND_FAILED"
+        )
     await server.start()
     handle = ServerHandle(
         server=server,

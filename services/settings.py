@@ -3,13 +3,20 @@
 Why generated flags: each field is declared once (name, type, default, help) and becomes both the
 ``--flag-name`` and the ``LORAPLEX_FLAG_NAME`` variable, so the README's config table, the CLI and the env can
 never disagree. ``settings_table()`` renders that table for docs.
+
+Parsing rules, one place for every service: fields named ``*_bytes`` take sizes with units (``4GiB``, ``512MiB``,
+``1.5GB``, ``4096``); numbers are range-checked (a count is at least 1, a duration at least 0, a port within
+0..65535) so ``--max-rank -5`` is one clear error at start, not a failure deep inside a running server. Errors
+name the flag or variable as the user typed it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import re
 import types
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -112,8 +119,61 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
-def _parse(tp: Any, raw: str, name: str) -> Any:
+SIZE_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*(?P<number>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[A-Za-z]*)\s*$")
+
+
+@dataclass(frozen=True)
+class _Range:
+    low: float
+    high: float = math.inf
+    low_inclusive: bool = True
+
+    def holds(self, value: float) -> bool:
+        above = value >= self.low if self.low_inclusive else value > self.low
+        return above and value <= self.high
+
+    def describe(self) -> str:
+        low = f"at least {self.low:g}" if self.low_inclusive else f"more than {self.low:g}"
+        return low if self.high == math.inf else f"{low} and at most {self.high:g}"
+
+
+COUNT = _Range(1)  # every int setting counts something (ranks, sequences, bytes, blocks)
+DURATION = _Range(0)  # every float setting is seconds
+# The settings whose range differs from their type's rule above.
+_RANGES: dict[str, _Range] = {"metrics_port": _Range(0, 65535), "timeout": _Range(0, low_inclusive=False)}
+
+
+def parse_size(raw: str) -> int:
+    """Bytes from ``4096``, ``4GiB``, ``512 MiB`` or ``1.5GB`` (binary KiB..TiB, decimal kB..TB; case-insensitive)."""
+    m = _SIZE_RE.fullmatch(raw)
+    unit = SIZE_UNITS.get(m["unit"].lower()) if m else None
+    if m is None or unit is None:
+        raise ValueError(raw)
+    number: str = m["number"]
+    whole, _, fraction = number.partition(".")
+    numerator: int = int(whole + fraction) * unit
+    denominator: int = 10 ** len(fraction)
+    if numerator % denominator:
+        raise ValueError(raw)  # not a whole number of bytes
+    return numerator // denominator
+
+
+def _parse(tp: Any, raw: str, name: str, source: str | None = None) -> Any:
+    """``raw`` as the field's type; ``source`` is how the user named it (``--max-rank``, ``LORAPLEX_MAX_RANK``)."""
     base = _base_type(tp)
+    where = source or name
     try:
         if base is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -121,9 +181,19 @@ def _parse(tp: Any, raw: str, name: str) -> Any:
             if raw.lower() in ("0", "false", "no", "off", ""):
                 return False
             raise ValueError(raw)
-        return base(raw)
+        value = parse_size(raw) if base is int and name.endswith("_bytes") else base(raw)
     except ValueError as exc:
-        raise InvalidArgument(f"{name}: cannot parse {raw!r} as {base.__name__}") from exc
+        if base is int and name.endswith("_bytes"):
+            raise InvalidArgument(
+                f"{where}: cannot parse {raw!r} as a size: use bytes or a unit, e.g. 4GiB, 512MiB, 1.5GB",
+                reason="INVALID_SETTING",
+            ) from exc
+        raise InvalidArgument(f"{where}: cannot parse {raw!r} as {base.__name__}", reason="INVALID_SETTING") from exc
+    if base in (int, float):
+        allowed = _RANGES.get(name, COUNT if base is int else DURATION)
+        if not math.isfinite(value) or not allowed.holds(value):
+            raise InvalidArgument(f"{where}: must be {allowed.describe()}, got {raw}", reason="INVALID_SETTING")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
@@ -145,10 +215,11 @@ def from_sources(cls: type[T], args: argparse.Namespace | None = None, env: dict
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         raw = getattr(args, f.name, None) if args is not None else None
+        source = "--" + f.name.replace("_", "-")
         if raw is None:
-            raw = environ.get(_env_name(f))
+            raw, source = environ.get(_env_name(f)), _env_name(f)
         if raw is not None:
-            values[f.name] = _parse(hints[f.name], str(raw), f.name)
+            values[f.name] = _parse(hints[f.name], str(raw), f.name, source)
     return cls(**values)
 
 

@@ -20,13 +20,9 @@ from safetensors.torch import load as load_safetensors
 
 from loraplex.engine.adapters.types import ModuleKey, ModuleLoRA
 from loraplex.registry.errors import InvalidAdapter
-from loraplex.registry.peft_format import (
-    parse_adapter_config,
-    parse_lora_key,
-    parse_safetensors_header,
-    validate_adapter,
-)
+from loraplex.registry.peft_format import parse_adapter_config, parse_lora_key, validate_adapter
 from loraplex.registry.spec import ModelSpec
+from loraplex.registry.weights_check import check_weights_bytes
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -47,7 +43,9 @@ class HostAdapter:
     def from_bytes(cls, config_json: str, weights: bytes, spec: ModelSpec, max_rank: int) -> HostAdapter:
         """Parse ``adapter_config.json`` text + ``adapter_model.safetensors`` bytes; raise typed errors."""
         config = parse_adapter_config(config_json)
-        header = parse_safetensors_header(weights, len(weights))
+        # The registry's upload rules, again: adapters stored before a rule existed must not reach the pool either
+        # (a NaN weight would poison every token of the adapter; a bad layout the loader would refuse anyway).
+        header = check_weights_bytes(weights).tensors
         validate_adapter(config, header, spec, max_rank)
         tensors = load_safetensors(weights)
         pairs: dict[ModuleKey, dict[str, torch.Tensor]] = {}

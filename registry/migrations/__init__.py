@@ -27,7 +27,17 @@ def alembic_config(db_url: str) -> Config:
 
 
 def migrate(db_url: str, revision: str = "head") -> None:
-    """Upgrade the database at ``db_url`` to ``revision`` (default: the newest schema)."""
-    from alembic import command
+    """Upgrade the database at ``db_url`` to ``revision`` (default: the newest schema).
 
-    command.upgrade(alembic_config(db_url), revision)
+    An unreachable database is ``Unavailable`` (one line at start-up, the driver's text in ``detail``), like the
+    same failure while serving.
+    """
+    from alembic import command
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    from loraplex.registry.errors import Unavailable
+
+    try:
+        command.upgrade(alembic_config(db_url), revision)
+    except (OperationalError, InterfaceError) as exc:
+        raise Unavailable("metadata database unavailable", detail=str(exc.orig)) from exc

@@ -55,6 +55,7 @@ class Stack:
 
 def engine_args(model_dir: Path, registry: str | None, *extra: str) -> list[str]:
     args = ["engine", "serve", "--model", str(model_dir), "--base-model", BASE_MODEL, "--listen", "127.0.0.1:0"]
+    args += ["--http-listen", "127.0.0.1:0"]
     args += ["--registry", registry] if registry else []
     return [*args, "--metrics-port", "0", "--kv-cache-bytes", str(4 * 1024 * 1024), *extra]
 

@@ -218,8 +218,12 @@ def test_every_outcome_is_counted_and_router_metrics_are_exported(
                 bad.sampling.temperature = -1
                 await expect_failure(collect(stub, bad), grpc.StatusCode.INVALID_ARGUMENT)
                 running = asyncio.create_task(collect(stub, _long("acme/a1")))
+                await asyncio.sleep(0.2)
                 waiting = asyncio.create_task(collect(stub, _long("beta/b1")))
-                await asyncio.sleep(1.0)
+                for _ in range(100):  # until the second request waits behind the first (max-num-seqs 1)
+                    if stack.metric("loraplex_num_requests_waiting") == 1:
+                        break
+                    await asyncio.sleep(0.1)
                 await expect_failure(collect(stub, stream_request("", [4])), grpc.StatusCode.RESOURCE_EXHAUSTED)
                 assert stack.metric("loraplex_num_requests_running") == 1
                 assert stack.metric("loraplex_num_requests_waiting") == 1

@@ -144,3 +144,17 @@ def test_no_request_starves(arrivals: list[tuple[int, str, int]], capacity: int)
     for rid, start in arrived_at.items():
         bound = max_wait + waiting_at_arrival[rid] / capacity + 1
         assert admitted_at[rid] - start <= bound, (rid, admitted_at[rid] - start, bound)
+
+
+def test_an_idle_engine_is_not_banked_either() -> None:
+    """A tenant served a lot, then everyone idle: a tenant arriving first afterwards starts level with it."""
+    queue = FairQueue(max_wait_s=1e9, clock=Clock())
+    for i in range(10):
+        queue.push(seq(f"old{i}", "old", arrival=0.0))
+    admit(queue, 10)  # "old" got 100 tokens, then left: the engine is idle
+    for i in range(10):
+        queue.push(seq(f"new{i}", "new", arrival=1.0))  # "new" never got service, but the engine was idle
+    for i in range(10):
+        queue.push(seq(f"back{i}", "old", arrival=1.5))
+    order = admit(queue, 10)
+    assert 4 <= sum(r.startswith("new") for r in order) <= 6, order

@@ -32,7 +32,7 @@ def upload(
     plan = svc.begin_upload(
         adapter, config, len(weights) if declared_size is None else declared_size, expected_sha256, request_id
     )
-    if plan.existing is not None:
+    if plan.settled and plan.existing is not None:
         return plan.existing
     spool = svc.new_spool_file()
     try:

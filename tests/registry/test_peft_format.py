@@ -154,7 +154,7 @@ def test_non_lora_keys(key: str, error: type[Exception]) -> None:
     ("patch", "needle"),
     [
         ({"peft_type": "IA3"}, "peft_type"),
-        ({"use_dora": True}, "use_dora"),
+        ({"use_dora": "yes"}, "use_dora"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"bias": "all"}, "bias"),
         ({"r": 0}, "r must"),

@@ -91,6 +91,25 @@ def _out_of_range(header: dict[str, dict[str, object]]) -> None:
     header[A0]["data_offsets"] = [begin + 10**9, end + 10**9]
 
 
+def _poison(value: float, dtype_format: str = "<f") -> Callable[[str, bytes], tuple[str, bytes]]:
+    """Overwrite the 3rd element of B0 with ``value`` (a NaN/Inf the registry must find in the byte stream)."""
+
+    def apply(c: str, w: bytes) -> tuple[str, bytes]:
+        (n,) = struct.unpack("<Q", w[:8])
+        start = 8 + n + read_header(w)[B0]["data_offsets"][0] + 2 * 4
+        return c, w[:start] + struct.pack(dtype_format, value) + w[start + 4 :]
+
+    return apply
+
+
+def _gap(header: dict[str, dict[str, object]]) -> None:
+    """Move every tensor 4 bytes later: the data section now starts with 4 unused bytes (the loader refuses)."""
+    for name, entry in header.items():
+        if name != "__metadata__":
+            begin, end = entry["data_offsets"]  # type: ignore[misc]
+            entry["data_offsets"] = [begin + 4, end + 4]
+
+
 IDENTITY: Callable[[str, bytes], tuple[str, bytes]] = lambda c, w: (c, w)  # noqa: E731
 
 CASES: dict[str, Case] = {
@@ -127,10 +146,23 @@ CASES: dict[str, Case] = {
     "size-mismatch": Case(IDENTITY, InvalidAdapter, "SIZE_MISMATCH", declared_delta=1),
     "zero-size": Case(lambda c, w: (c, b""), InvalidArgument, "INVALID_SIZE"),
     "peft-type-not-lora": Case(_config({"peft_type": "LOHA"}), InvalidAdapter, "INVALID_ADAPTER"),
-    "use-dora": Case(_config({"use_dora": True}), InvalidAdapter, "INVALID_ADAPTER"),
+    "dora-without-magnitudes": Case(_config({"use_dora": True}), InvalidAdapter, "INVALID_ADAPTER"),
     "config-not-json": Case(lambda c, w: ("{not json", w), InvalidAdapter, "INVALID_ADAPTER"),
     "checksum-mismatch": Case(IDENTITY, InvalidAdapter, "CHECKSUM_MISMATCH", expected_sha256="0" * 64),
     "bad-sha-format": Case(IDENTITY, InvalidArgument, "INVALID_SHA256", expected_sha256="xyz"),
+    "trailing-bytes": Case(lambda c, w: (c, w + bytes(16)), InvalidAdapter, "INVALID_ADAPTER"),
+    "gap-before-first-tensor": Case(
+        lambda c, w: _header(_gap)(c, w[:-4] + bytes(4) + w[-4:]), InvalidAdapter, "INVALID_ADAPTER"
+    ),
+    "nan-weight": Case(_poison(float("nan")), InvalidAdapter, "NON_FINITE_WEIGHTS"),
+    "inf-weight": Case(_poison(float("-inf")), InvalidAdapter, "NON_FINITE_WEIGHTS"),
+    "alpha-overflow": Case(_config({"lora_alpha": 1e308}), InvalidAdapter, "LORA_SCALE_OUT_OF_RANGE"),
+    "alpha-pattern-out-of-range": Case(
+        _config({"alpha_pattern": {"down_proj": 1e6}}), InvalidAdapter, "LORA_SCALE_OUT_OF_RANGE"
+    ),
+    "rslora-scale-out-of-range": Case(
+        _config({"use_rslora": True, "lora_alpha": 40000}), InvalidAdapter, "LORA_SCALE_OUT_OF_RANGE"
+    ),
     "wrong-base-model": Case(IDENTITY, AdapterIncompatible, "ADAPTER_INCOMPATIBLE", adapter="acme/wide"),
     "unknown-adapter": Case(IDENTITY, AdapterNotFound, "ADAPTER_NOT_FOUND", adapter="acme/missing"),
 }

@@ -126,3 +126,44 @@ def test_tokens_file_is_validated(tmp_path: Path) -> None:
     ):
         with pytest.raises(InvalidArgument):
             TokenAuthority.from_document(doc)
+
+
+async def test_two_authorization_headers_are_ambiguous_credentials(
+    registry_backend: object, tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    """Two ``authorization`` entries used to mean "the last one wins": a proxy and the server could disagree on who
+    the caller is. Now the call is UNAUTHENTICATED, with auth on and with auth off (the engine forwards tokens)."""
+    tokens_file = tmp_path / "tokens.json"
+    tokens_file.write_text(json.dumps(TOKENS))
+    request = pb.ListAdaptersRequest()
+    both = (("authorization", "Bearer acme-read"), ("authorization", "Bearer admin-token"))
+    same_twice = (("authorization", "Bearer admin-token"), ("authorization", "Bearer admin-token"))
+    for tokens in (str(tokens_file), None):
+        reg = await open_registry(registry_settings(registry_backend, tmp_path, tokens_file=tokens))
+        try:
+            for metadata in (both, same_twice):
+                failure = await expect_failure(
+                    reg.stub.ListAdapters(request, metadata=metadata),
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "AMBIGUOUS_CREDENTIALS",
+                )
+                assert "exactly one" in failure.message
+            await reg.stub.ListAdapters(request, metadata=md("admin-token"))
+        finally:
+            await close_registry(reg)
+
+
+def test_authenticate_headers_is_the_rule_for_http_too() -> None:
+    """The HTTP door passes every ``Authorization`` header value: one is authenticated, two are refused."""
+    from loraplex.registry.errors import Unauthenticated
+
+    authority = TokenAuthority.from_document(TOKENS)
+    assert authority.authenticate_headers(["Bearer acme-read"]).name == "acme-reader"
+    for values in (["Bearer acme-read", "Bearer admin-token"], ["Bearer admin-token"] * 2):
+        with pytest.raises(Unauthenticated) as info:
+            authority.authenticate_headers(values)
+        assert info.value.reason == "AMBIGUOUS_CREDENTIALS"
+    with pytest.raises(Unauthenticated):
+        authority.authenticate_headers([])
+    with pytest.raises(Unauthenticated):
+        TokenAuthority.disabled().authenticate_headers(["Bearer a", "Bearer b"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -72,7 +73,9 @@ async def test_crash_between_blob_and_metadata_leaves_only_an_orphan_blob(
                 await client.resolve("acme/fragile")
         result = run_cli(gc_args(registry_backend, spool))
         assert result.returncode == 0, result.stderr
-        assert "deleted 1 orphan blob" in result.stdout
+        # The crash left the blob and the staged upload file: both are removed and both are counted.
+        assert "removed 2 item(s)" in result.stdout and "1 orphan blob(s)" in result.stdout
+        assert "1 staged upload(s)" in result.stdout
         assert blob_keys(registry_backend) == set()
         async with RegistryClient(server.address) as client:
             version = await client.upload("acme/fragile", config, weights)
@@ -126,9 +129,13 @@ async def test_sigkill_mid_stream_leaves_nothing_visible(
     server = start(registry_backend, spool)
     try:
         assert await versions_of(server.address) == []
-        result = run_cli(gc_args(registry_backend, spool))
+        staged = sum(f.stat().st_size for f in spool.iterdir())
+        result = run_cli([*gc_args(registry_backend, spool), "--json"])
         assert result.returncode == 0, result.stderr
         assert not any(spool.iterdir()), "gc should remove stale staged uploads"
+        report = json.loads(result.stdout)  # and it says so: the staged half upload, with its bytes
+        assert report["spool_files_deleted"] == 1 and report["spool_bytes"] == staged > 0
+        assert report["removed_count"] == 1 and report["removed_bytes"] == staged
         async with RegistryClient(server.address) as client:
             assert (await client.upload("acme/fragile", config, weights)).version == 1
     finally:

@@ -58,20 +58,18 @@ def test_cli_push_list_show_pull_alias_delete(
             "--json",
         ).stdout
     )
-    assert pushed["version"] == "1" and "prod" in pushed["aliases"] and pushed["use_rslora"] is True
+    assert pushed["version"] == 1 and "prod" in pushed["aliases"] and pushed["use_rslora"] is True
     second = tiny_adapters["qwen2"]["all-r64"]
     out = cli(registry_proc, "adapters", "push", str(second), "--name", "acme/bot").stdout
     assert "pushed acme/bot@2" in out
 
     listed = json.loads(cli(registry_proc, "adapters", "list", "--json").stdout)
-    assert (
-        listed[0]["name"] == "acme/bot" and listed[0]["latest_version"] == "2" and listed[0]["aliases"] == {"prod": "1"}
-    )
+    assert listed[0]["name"] == "acme/bot" and listed[0]["latest_version"] == 2 and listed[0]["aliases"] == {"prod": 1}
     assert "acme/bot" in cli(registry_proc, "adapters", "list", "--label", "team=search").stdout
     assert cli(registry_proc, "adapters", "list", "--label", "team=other").stdout.strip() == ""
 
     shown = json.loads(cli(registry_proc, "adapters", "show", "acme/bot@prod", "--json").stdout)
-    assert shown["version"] == "1" and shown["rank"] == 16
+    assert shown["version"] == 1 and shown["rank"] == 16
     assert "rank     64" in cli(registry_proc, "adapters", "show", "acme/bot").stdout
 
     cli(registry_proc, "adapters", "pull", "acme/bot@1", str(tmp_path / "pulled"))
@@ -83,7 +81,7 @@ def test_cli_push_list_show_pull_alias_delete(
     )
 
     cli(registry_proc, "adapters", "alias", "acme/bot@2", "prod")
-    assert json.loads(cli(registry_proc, "adapters", "show", "acme/bot@prod", "--json").stdout)["version"] == "2"
+    assert json.loads(cli(registry_proc, "adapters", "show", "acme/bot@prod", "--json").stdout)["version"] == 2
     failed = cli(registry_proc, "adapters", "delete", "acme/bot@2", ok=False)
     assert failed.returncode == 1 and "FAILED_PRECONDITION" in failed.stderr
     cli(registry_proc, "adapters", "delete", "acme/bot@1")
