@@ -27,7 +27,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraplex.engine.adapters.host import HostAdapter
-from loraplex.engine.adapters.host_cache import HostTier
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.core import EngineCore
 from loraplex.engine.model.build import LoadedModel, load_model
@@ -99,9 +98,9 @@ def quant_core(model_dir: Path, adapters: Mapping[str, Path], quantization: str)
         quantization=quantization,
     )
     loaded = load_model(model_dir, "float32", torch.device("cpu"), None, quantization)
-    core = EngineCore(config, loaded, HostTier())
+    core = EngineCore(config, loaded)
     for name, path in adapters.items():
-        core.host.add(name, HostAdapter.from_peft_dir(path, core.loaded.spec, 64))
+        core.residency.add(name, HostAdapter.from_peft_dir(path, core.loaded.spec, 64))
     return core
 
 
@@ -241,7 +240,7 @@ def test_saved_checkpoint_loads_without_a_flag_and_equals_quantize_at_load(
     outputs = []
     for loaded in (from_saved, at_load):
         config_ = EngineConfig(model_dir=saved, dtype="float32", block_size=4, kv_cache_blocks=64)
-        core = EngineCore(config_, loaded, HostTier())
+        core = EngineCore(config_, loaded)
         req = request("r", prompt, None, max_new_tokens=4, ignore_eos=True)
         deltas, logits = drive(core, [req], record_logits=True)
         outputs.append((tokens(deltas["r"]), torch.stack([step["r"] for step in logits])))
@@ -357,6 +356,6 @@ def test_checkpoint_with_a_skipped_module_fuses_dense_and_packed_parts(
     prompt = prompts(1, 8, seed=4)[0]
     with torch.no_grad():
         want = hf.eval()(torch.tensor([prompt])).logits[0, -1]
-    core = EngineCore(EngineConfig(model_dir=tmp_path / "m", dtype="float32", block_size=4), loaded, HostTier())
+    core = EngineCore(EngineConfig(model_dir=tmp_path / "m", dtype="float32", block_size=4), loaded)
     _, logits = drive(core, [request("r", prompt, None, max_new_tokens=1)], record_logits=True)
     torch.testing.assert_close(logits[0]["r"], want, atol=1e-4, rtol=0)
