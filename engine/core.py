@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from loraplex.engine.adapters.pool import AdapterPool, bytes_per_row
+from loraplex.engine.adapters.pool import AdapterPool
 from loraplex.engine.adapters.residency import AdapterResidency
-from loraplex.engine.config import DEFAULT_POOL_ADAPTERS, EngineConfig
+from loraplex.engine.config import EngineConfig
 from loraplex.engine.fairness import FairQueue
-from loraplex.engine.kv_cache import BlockManager, allocate_kv_caches, blocks_for, bytes_per_block
+from loraplex.engine.kv_cache import BlockManager, allocate_kv_caches
+from loraplex.engine.memory import plan_for_device
 from loraplex.engine.model.build import LoadedModel, load_model
 from loraplex.engine.model.errors import ModelLoadError
 from loraplex.engine.model.lora import apply_lora_transform
@@ -32,8 +33,6 @@ from loraplex.engine.sequence import Sequence
 from loraplex.engine.stats import EngineStats, empty_stats
 from loraplex.registry.errors import InvalidArgument
 
-_DEFAULT_KV_TOKENS_PER_SEQ = 2048
-
 
 @dataclass
 class StepRecord:
@@ -43,31 +42,14 @@ class StepRecord:
     logits: torch.Tensor | None = None
 
 
-def _num_kv_blocks(config: EngineConfig, loaded: LoadedModel) -> int:
-    if config.kv_cache_blocks is not None:
-        return config.kv_cache_blocks
-    if config.kv_cache_bytes is not None:
-        return config.kv_cache_bytes // bytes_per_block(loaded.args, config.block_size, loaded.dtype)
-    per_seq = min(loaded.max_model_len, _DEFAULT_KV_TOKENS_PER_SEQ)
-    return config.max_num_seqs * blocks_for(per_seq, config.block_size)
-
-
-def _pool_rows(config: EngineConfig, loaded: LoadedModel) -> int:
-    if config.gpu_adapter_rows is not None:
-        return config.gpu_adapter_rows
-    if config.gpu_adapter_bytes is not None:
-        element = torch.empty((), dtype=loaded.dtype).element_size()
-        return config.gpu_adapter_bytes // bytes_per_row(loaded.spec, config.lora_embeddings, element)
-    return config.max_lora_rank * DEFAULT_POOL_ADAPTERS
-
-
 class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
         self.config = config
         self.loaded = loaded
         self.device = torch.device(config.device)
         self.max_model_len = loaded.max_model_len
-        num_blocks = _num_kv_blocks(config, loaded)
+        plan = plan_for_device(config, loaded, self.device)
+        num_blocks = plan.kv_blocks
         if num_blocks * config.block_size < self.max_model_len:
             raise ModelLoadError(
                 f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one sequence of "
@@ -76,7 +58,7 @@ class EngineCore:
         self.pool = AdapterPool(
             loaded.spec,
             num_slots=config.max_adapters_per_step,
-            rows=_pool_rows(config, loaded),
+            rows=plan.pool_rows,
             max_rank=config.max_lora_rank,
             device=self.device,
             dtype=loaded.dtype,

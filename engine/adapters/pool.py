@@ -135,6 +135,8 @@ class AdapterPool:
     def check_compatible(self, adapter: PoolAdapter) -> None:
         """Raise ``AdapterIncompatible`` if the adapter targets a module this pool has no buffer for."""
         for mk, lora in adapter.modules.items():
+            if lora.magnitude is not None:
+                raise AdapterIncompatible("DoRA adapters are not served by this engine version")
             if mk not in self.weights:
                 raise AdapterIncompatible(f"adapter targets {mk[1]} (layer {mk[0]}), which this pool does not hold")
             if lora.rank > self.max_rank:
