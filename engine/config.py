@@ -13,6 +13,7 @@ from loraplex.registry.errors import InvalidArgument
 
 _DEVICES = ("cpu", "cuda")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_LORA_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class EngineConfig:
     max_queue: int = 1024
     max_model_len: int | None = None
     lora_embeddings: bool = True
+    # LoRA and attention kernels: "auto" = Triton on CUDA, torch elsewhere; "triton" on CPU runs the interpreter.
+    lora_backend: str = "auto"
+    # Never capture CUDA graphs for decode steps (graphs need the Triton backend on CUDA).
+    enforce_eager: bool = False
 
     def validate(self) -> None:
         """Raise ``InvalidArgument`` naming the first bad field."""
@@ -47,6 +52,8 @@ class EngineConfig:
             raise InvalidArgument(f"device must be one of {_DEVICES}, got {self.device!r}")
         if self.dtype not in _DTYPES:
             raise InvalidArgument(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.lora_backend not in _LORA_BACKENDS:
+            raise InvalidArgument(f"lora_backend must be one of {_LORA_BACKENDS}, got {self.lora_backend!r}")
         positive = {
             "block_size": self.block_size,
             "max_num_seqs": self.max_num_seqs,

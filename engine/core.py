@@ -17,10 +17,9 @@ from tokenizers import Tokenizer
 from loraplex.engine.adapters.host_cache import HostTier
 from loraplex.engine.adapters.pool import AdapterPool, bytes_per_row
 from loraplex.engine.config import EngineConfig
-from loraplex.engine.kv_cache import BlockManager, allocate_kv_caches, blocks_for, bytes_per_block
+from loraplex.engine.kv_cache import BlockManager, blocks_for, bytes_per_block
 from loraplex.engine.model.build import LoadedModel, load_model
 from loraplex.engine.model.errors import ModelLoadError
-from loraplex.engine.model.lora import apply_lora_transform
 from loraplex.engine.output import OutputState
 from loraplex.engine.request import GenerationRequest
 from loraplex.engine.runner import ModelRunner
@@ -81,10 +80,8 @@ class EngineCore:
             dtype=loaded.dtype,
             embeddings=config.lora_embeddings,
         )
-        apply_lora_transform(loaded.model, self.pool)
         self.blocks = BlockManager(num_blocks, config.block_size)
-        kv = allocate_kv_caches(loaded.args, num_blocks, config.block_size, self.device, loaded.dtype)
-        self.runner = ModelRunner(loaded.model, kv, config.block_size, self.device)
+        self.runner = ModelRunner(loaded, config, num_blocks, self.pool)  # KV caches, LoRA backend, CUDA graphs
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, config.max_adapters_per_step)
         self.scheduler = Scheduler(limits, self.blocks, self.pool, host.get, self._on_finished)
         self.last_step = StepRecord()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loraplex.kernels import reference
-from loraplex.kernels.torch_lora import LoRAStepCache, SegmentPlan, apply_lora_torch
+from loraplex.kernels.torch_lora import ChunkCache, TilePlan, apply
 from loraplex.kernels.types import LoRABatch, LoRAModuleWeights, LoRASlice
 
 MAX_RANK = 64
@@ -28,6 +28,12 @@ def _weights(h_in: int, h_out: int, ranks: list[int], g: torch.Generator) -> LoR
         ranks=torch.tensor(ranks, dtype=torch.int32),
         scales=torch.rand(len(ranks), generator=g) + 0.5,
     )
+
+
+def apply_lora_torch(
+    x: torch.Tensor, out: torch.Tensor, batch: LoRABatch, slices: list[LoRASlice], cache: ChunkCache | None = None
+) -> None:
+    apply(x, out, slices, TilePlan.build(batch), cache or ChunkCache())
 
 
 def _reference(x: torch.Tensor, base: torch.Tensor, batch: LoRABatch, slices: list[LoRASlice]) -> torch.Tensor:
@@ -66,7 +72,7 @@ def test_matches_reference_on_random_batches(seed: int) -> None:
     base = torch.randn(len(token_slots), width, generator=g)
 
     got = base.clone()
-    apply_lora_torch(x, got, batch, slices, LoRAStepCache())
+    apply_lora_torch(x, got, batch, slices, ChunkCache())
     want = _reference(x, base, batch, slices)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for t, slot in enumerate(token_slots):
@@ -79,7 +85,7 @@ def test_long_segment_is_split_into_tiles_and_short_ones_padded() -> None:
     slices = _fused(16, [12], 4, g)
     token_slots = [0] * 100 + [1, 2, 3] + [-1]
     batch = LoRABatch.from_slots(token_slots)
-    plan = SegmentPlan.build(batch)
+    plan = TilePlan.build(batch)
     assert plan.width < 100 and plan.tile_slots.count(0) > 1  # one 100-token segment -> several tiles
     assert plan.valid is not None
     x = torch.randn(len(token_slots), 16, generator=g)
@@ -95,7 +101,7 @@ def test_cached_weights_follow_pool_writes() -> None:
     slices = _fused(16, [8, 8], 3, g)
     batch = LoRABatch.from_slots([0, 1, 2, 1, 0])
     x = torch.randn(5, 16, generator=g)
-    cache = LoRAStepCache()
+    cache = ChunkCache()
     first = torch.zeros(5, 16)
     apply_lora_torch(x, first, batch, slices, cache)
 
@@ -112,7 +118,7 @@ def test_cached_weights_follow_pool_writes() -> None:
 def test_one_cache_serves_every_layer_and_changing_batches() -> None:
     g = torch.Generator().manual_seed(3)
     layers = [_fused(16, [8, 4], 4, g) for _ in range(3)]
-    cache = LoRAStepCache()
+    cache = ChunkCache()
     for step_slots in ([0, 1, 2, 3], [0, 1, 2, 3], [3, 3, -1, 0], [2] * 9):
         batch = LoRABatch.from_slots(step_slots)
         x = torch.randn(len(step_slots), 16, generator=g)
@@ -185,5 +191,5 @@ def test_scatter_into_any_output_layout(layout: str) -> None:
         holder.copy_(base.t())
         got = holder.t()  # [9, width] with transposed strides
         assert not got.is_contiguous()
-    apply_lora_torch(x, got, batch, list(slices), LoRAStepCache())
+    apply_lora_torch(x, got, batch, list(slices), ChunkCache())
     torch.testing.assert_close(got, _reference(x, base, batch, list(slices)), atol=1e-5, rtol=1e-5)
