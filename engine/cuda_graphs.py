@@ -48,7 +48,7 @@ class DecodeGraphs:
         self.sizes = buckets(max_seqs)
         self.capture = capture
         self._graphs: dict[int, _Graph] = {}
-        self._pool: tuple[int, int] | None = None
+        self._pool = torch.cuda.graph_pool_handle() if capture else None  # one memory pool for every bucket
         self.replays = 0  # decode steps served by this object (tests, stats)
 
     def bucket(self, slices: list[SeqSlice]) -> int | None:
@@ -89,8 +89,6 @@ class DecodeGraphs:
                 self.forward(self.builder.build([], pad_to=size))
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         ctx = self.builder.build([], pad_to=size)  # fresh per-step memo: the graph must record every op
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):

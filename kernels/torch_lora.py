@@ -16,9 +16,12 @@ gathered product (no Python-level work per adapter); a prefill keeps wide tiles 
 Cost model (constants measured on the development CPU with ``bench/lora_cpu.py --calibrate``; see RESULTS.md).
 The matmuls read each pair's weight chunk once and are memory-bound at the tile widths a step uses, so
     time ≈ Σ_pairs c·H·(w + N·m) + per-pair fixed cost
-with w = time per weight element read, m = per multiply-add. Per step the plan picks N minimising
-``tiles·N + tiles·TILE_COST_CELLS`` (a tile costs its weight reads, about TILE_COST_CELLS = w/m padded token
-cells), and per module c minimising ``chunks·c + chunks·CHUNK_COST_ROWS`` (a chunk's fixed cost in rank-rows).
+with w = time per weight element read (and copied, when the step's adapters changed), m = per multiply-add.
+Per step the plan picks N minimising ``tiles·N + tiles·TILE_COST_CELLS`` (a tile costs its weight reads, about
+TILE_COST_CELLS padded token-cells), and per module c minimising ``chunks·c + chunks·CHUNK_COST_ROWS`` (a
+chunk's fixed cost in rank-rows). So a decode step of 64 distinct adapters runs 64 one-token tiles (the
+gathered product), 64 tokens of one adapter run as one tile, and a 300-token prompt next to decodes is cut
+into tiles of 4-16 tokens.
 
 Weights: the gathered chunks of A and B (float32) are kept per module for the step's tile→slot layout and
 rebuilt only when that layout or the pool's tensors change (tracked with the tensors' in-place version
@@ -37,12 +40,13 @@ import torch
 
 from loraplex.kernels.types import LoRABatch, LoRAModuleWeights, LoRASlice
 
-# A tile (one more bmm batch entry and one more read of its adapter's chunks) costs as much as this many padded
-# token-cells: w/m measured at 12-25 on a 2-core EPYC (fp32, hidden 256-1024).
-TILE_COST_CELLS = 16
-# A rank-chunk (one more bmm batch entry and index row block) costs as much as this many padded rank-rows:
-# chunks of 4-8 rows measured 2-4x slower per row than 16-32.
-CHUNK_COST_ROWS = 24
+# A tile (one more bmm batch entry, one more copy and read of its adapter's chunks) costs as much as this many
+# padded token-cells; a rank-chunk (one more bmm batch entry and scatter block) as much as this many padded
+# rank-rows. Measured with ``bench/lora_cpu.py --calibrate`` on the 2-core development EPYC, fp32:
+# tiles 0.7 (hidden 256, weights reused) .. 6 (hidden 1024, rebuilt every step); chunks 1 .. 5. The values
+# sit in the middle of the rebuilt-every-step range, the case that matters when the batch's adapters churn.
+TILE_COST_CELLS = 4
+CHUNK_COST_ROWS = 3
 _CHUNK_WIDTHS = (4, 8, 16, 32, 64)
 
 
@@ -92,7 +96,8 @@ class TilePlan:
     _scatter: dict[tuple[object, ...], _Scatter] = field(default_factory=dict)
 
     @staticmethod
-    def build(batch: LoRABatch) -> TilePlan:
+    def build(batch: LoRABatch, width: int | None = None) -> TilePlan:
+        """``width`` forces N (calibration, tests); by default the cost model picks it."""
         segments = [batch.segment(g) for g in range(batch.num_segments)]
         segments = [s for s in segments if s[2] > 0]
         order = batch.token_order.long()
@@ -100,7 +105,7 @@ class TilePlan:
         if not segments:
             empty = torch.zeros(0, dtype=torch.long, device=device)
             return TilePlan((), empty, 0, empty.view(0, 0), None)
-        n = tile_width([s[2] for s in segments])
+        n = width or tile_width([s[2] for s in segments])
         index: list[int] = []
         flags: list[float] = []
         slots: list[int] = []
@@ -186,7 +191,8 @@ class ChunkCache:
     step loop is the only caller.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, chunk: int | None = None) -> None:
+        self.chunk = chunk  # forces c (calibration, tests); by default the cost model picks it per module
         self._modules: dict[int, _ChunkedModule] = {}
         self._ranks: dict[int, tuple[int, list[int]]] = {}
 
@@ -210,7 +216,7 @@ class ChunkCache:
         if not any(r for ranks in tile_ranks for r in ranks):
             return None
         versions = _versions(slices)
-        c = chunk_width([r for ranks in tile_ranks for r in ranks])
+        c = self.chunk or chunk_width([r for ranks in tile_ranks for r in ranks])
         stamp = (versions, plan.tile_slots, c)
         key = id(slices[0].weights.a_rows)
         cached = self._modules.get(key)

@@ -80,7 +80,9 @@ def grouping(batch: LoRABatch) -> dict[int, list[int]]:
     """slot -> its rows, read back from the device tensors."""
     found: dict[int, list[int]] = {}
     order = batch.token_order.tolist()
-    for slot, start, length in zip(batch.seg_slot.tolist(), batch.seg_start.tolist(), batch.seg_len.tolist(), strict=True):
+    for slot, start, length in zip(
+        batch.seg_slot.tolist(), batch.seg_start.tolist(), batch.seg_len.tolist(), strict=True
+    ):
         found.setdefault(slot, []).extend(order[start : start + length])
     return {slot: rows for slot, rows in found.items() if rows}
 

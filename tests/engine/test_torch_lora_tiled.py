@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from loraplex.kernels import reference
 from loraplex.kernels.torch_lora import ChunkCache, TilePlan, apply
@@ -193,3 +197,60 @@ def test_scatter_into_any_output_layout(layout: str) -> None:
         assert not got.is_contiguous()
     apply_lora_torch(x, got, batch, list(slices), ChunkCache())
     torch.testing.assert_close(got, _reference(x, base, batch, list(slices)), atol=1e-5, rtol=1e-5)
+
+
+@st.composite
+def segmentations(draw: st.DrawFn) -> tuple[list[int], list[tuple[int, int, int]], int]:
+    """(token order, (slot, start, len) segments, token count): any grouping the kernels accept — several
+    segments per slot, slots out of order, empty segments, base-model tokens in no segment."""
+    num_tokens = draw(st.integers(1, 40))
+    order = draw(st.permutations(range(num_tokens)))
+    used = draw(st.integers(0, num_tokens))
+    cuts = sorted(draw(st.lists(st.integers(0, used), max_size=6)))
+    bounds = [0, *cuts, used]
+    segments = [(draw(st.integers(0, 5)), a, b - a) for a, b in itertools.pairwise(bounds)]
+    return list(order[:used]), segments, num_tokens
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(
+    seg=segmentations(),
+    ranks=st.lists(st.integers(1, 64), min_size=6, max_size=6),
+    untargeted=st.sets(st.integers(0, 5), max_size=2),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    width=st.sampled_from([None, 1, 3, 16]),
+    chunk=st.sampled_from([None, 4, 16, 64]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_segmentations_ranks_and_dtypes_match_reference(
+    seg: tuple[list[int], list[tuple[int, int, int]], int],
+    ranks: list[int],
+    untargeted: set[int],
+    dtype: torch.dtype,
+    width: int | None,
+    chunk: int | None,
+    seed: int,
+) -> None:
+    order, segments, num_tokens = seg
+    g = torch.Generator().manual_seed(seed)
+    module_ranks = [0 if s in untargeted else r for s, r in enumerate(ranks)]
+    slices = [
+        LoRASlice(_cast(_weights(24, 16, module_ranks, g), dtype), 0),
+        LoRASlice(_cast(_weights(24, 8, module_ranks[::-1], g), dtype), 16),
+    ]
+    batch = LoRABatch.from_segments(order, segments)
+    x = torch.randn(num_tokens, 24, generator=g).to(dtype)
+    base = torch.randn(num_tokens, 24, generator=g).to(dtype)
+    got = base.clone()
+    apply(x, got, slices, TilePlan.build(batch, width), ChunkCache(chunk))
+    want = _reference(x, base, batch, slices)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    touched = set(order)
+    for t in range(num_tokens):
+        if t not in touched:
+            assert torch.equal(got[t], base[t])  # base-only tokens are bit-identical
+
+
+def _cast(w: LoRAModuleWeights, dtype: torch.dtype) -> LoRAModuleWeights:
+    return LoRAModuleWeights(w.a_rows.to(dtype), w.b_rows.to(dtype), w.row_table, w.ranks, w.scales)
