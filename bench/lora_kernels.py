@@ -453,7 +453,7 @@ def markdown(env: Env) -> str:
     out += ["| module | B | r | penalty | bytes predict |", "|---|---|---|---|---|"]
     for p in env.rows["penalty"]:
         out.append(f"| {p['module']} | {p['B']} | {p['r']} | {p['penalty']:.2f} | {p['predicted']:.2f} |")
-    out += ["", "Mixed ranks (8/16/32/64 cycled) vs uniform at the mean rank (goal <= 1.1x) vs all padded to the largest:", ""]
+    out += ["", "Mixed ranks (8/16/32/64 cycled) vs uniform at the mean rank (goal <= 1.1x) vs all padded:", ""]
     out += ["| module | B = n | mixed us | uniform us | padded us | mixed / uniform | padded / mixed |"]
     out += ["|---|---|---|---|---|---|---|"]
     for m in env.rows["mixed_ranks"]:
@@ -462,7 +462,8 @@ def markdown(env: Env) -> str:
             f" | {m['mixed_us'] / m['uniform_mean_us']:.2f} | {m['padded_max_us'] / m['mixed_us']:.2f} |"
         )
     out += ["", "Paged decode attention vs SDPA on gathered KV (lower bound) and gather + SDPA:", ""]
-    out += ["| B | context | triton us | sdpa us | gather+sdpa us | efficiency | max err |", "|---|---|---|---|---|---|---|"]
+    out += ["| B | context | triton us | sdpa us | gather+sdpa us | efficiency | max err |"]
+    out += ["|---|---|---|---|---|---|---|"]
     for a in env.rows["attention"]:
         out.append(
             f"| {a['B']} | {a['ctx']} | {a['triton_us']:.1f} | {a['sdpa_us']:.1f} | {a['gather_sdpa_us']:.1f} | "
