@@ -11,6 +11,11 @@ step, ``prepare`` writes the step's token→slot grouping into the backend's pre
 
 ``make_backend("auto" | "torch" | "triton", ...)`` picks Triton on CUDA and torch elsewhere; the engine's
 ``lora_backend`` setting forces one (the Triton interpreter on CPU, for tests).
+
+Extending per-adapter behaviour (DoRA factors, adapter mixes): the step metadata only says which pool slot each
+token (``LoRABatch.token_slot``) and each segment (``seg_slot``) uses; everything about a slot lives in per-slot
+arrays of the pool (``LoRAModuleWeights.ranks``/``scales`` today). A new per-slot array (a DoRA flag or factor
+per module) is read by slot in ``apply`` like the scales, with no change to ``prepare`` or its buffers.
 """
 
 from __future__ import annotations
