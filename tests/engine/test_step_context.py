@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -154,11 +155,10 @@ def test_buffers_stay_put_across_steps_of_every_shape() -> None:
     seen = [addresses(build.build(step)) for step in shapes]
     assert all(found.items() <= seen[0].items() for found in seen[1:])
     assert len(seen[1]) == len(seen[0])  # the mixed step uses every buffer the prompt step did
-    for triton in (True,):
-        other = builder(triton)
-        first = addresses(other.build(shapes[0]))
-        assert all(addresses(other.build(step)).items() <= first.items() for step in shapes[1:])
-        assert other.build(shapes[0]).grid is None  # the Triton layout keeps no padded grid
+    triton_layout = builder(triton=True)
+    first = addresses(triton_layout.build(shapes[0]))
+    assert all(addresses(triton_layout.build(step)).items() <= first.items() for step in shapes[1:])
+    assert triton_layout.build(shapes[0]).grid is None  # the Triton layout keeps no padded grid
 
 
 def test_padded_bucket_fills_scratch_sequences_and_fixed_shapes() -> None:
@@ -176,8 +176,6 @@ def test_padded_bucket_fills_scratch_sequences_and_fixed_shapes() -> None:
 
 
 def test_capacity_is_enforced_with_a_clear_error() -> None:
-    import pytest
-
     build = builder()
     with pytest.raises(ValueError, match="preallocated"):
         build.build([SeqSlice([1] * 65, 0, list(range(17)), -1, 1)])
