@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
+from loraplex.engine.config import EngineConfig
 from loraplex.engine.core import EngineCore
 from loraplex.engine.cuda_graphs import DecodeGraphs, buckets
+from loraplex.registry.errors import InvalidArgument
 from tests.engine.helpers import BASE, drive, make_core, prompts, request, tokens
 
 
@@ -63,3 +66,10 @@ def test_only_plain_decode_steps_are_eligible(tiny_models: dict[str, Path]) -> N
     assert graphs.bucket([SeqSlice([3, 4], 0, [0], -1, 1)]) is None  # a prompt chunk
     assert graphs.bucket([SeqSlice([3], 4, [0, 1], -1, 0)]) is None  # no logits row (mid-prompt)
     assert graphs.bucket([decode[0]] * 5) is None  # more sequences than the largest bucket
+
+
+def test_config_names_its_backend_and_cpu_never_captures(tiny_models: dict[str, Path]) -> None:
+    with pytest.raises(InvalidArgument, match="lora_backend"):
+        EngineConfig(model_dir=tiny_models["llama"], lora_backend="cuda").validate()
+    core = make_core(tiny_models["llama"], lora_backend="auto", enforce_eager=False)
+    assert core.runner.lora.name == "torch" and core.runner.graphs is None  # graphs need CUDA + Triton
