@@ -15,6 +15,7 @@ _DEVICES = ("cpu", "cuda")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_POOL_ADAPTERS = 16  # adapters of max_lora_rank the default device pool holds
 _QUANTIZATIONS = ("none", "nf4", "int8")
+_LORA_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,10 @@ class EngineConfig:
     # base projections: "nf4" / "int8" quantize an unquantized checkpoint at load; a checkpoint saved quantized
     # by transformers + bitsandbytes loads as saved with "none" (or its own method)
     quantization: str = "none"
+    # LoRA and attention kernels: "auto" = Triton on CUDA, torch elsewhere; "triton" on CPU runs the interpreter.
+    lora_backend: str = "auto"
+    # Never capture CUDA graphs for decode steps (graphs need the Triton backend on CUDA).
+    enforce_eager: bool = False
 
     def validate(self) -> None:
         """Raise ``InvalidArgument`` naming the first bad field."""
@@ -59,6 +64,8 @@ class EngineConfig:
             raise InvalidArgument(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.quantization not in _QUANTIZATIONS:
             raise InvalidArgument(f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}")
+        if self.lora_backend not in _LORA_BACKENDS:
+            raise InvalidArgument(f"lora_backend must be one of {_LORA_BACKENDS}, got {self.lora_backend!r}")
         positive = {
             "block_size": self.block_size,
             "max_num_seqs": self.max_num_seqs,

@@ -19,11 +19,10 @@ from loraplex.engine.adapters.pool import AdapterPool
 from loraplex.engine.adapters.residency import AdapterResidency
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.fairness import FairQueue
-from loraplex.engine.kv_cache import BlockManager, allocate_kv_caches
+from loraplex.engine.kv_cache import BlockManager
 from loraplex.engine.memory import plan_for_device
 from loraplex.engine.model.build import LoadedModel, load_model
 from loraplex.engine.model.errors import ModelLoadError
-from loraplex.engine.model.lora import apply_lora_transform
 from loraplex.engine.output import OutputState
 from loraplex.engine.request import GenerationRequest
 from loraplex.engine.runner import ModelRunner
@@ -65,10 +64,8 @@ class EngineCore:
             embeddings=config.lora_embeddings,
         )
         self.residency = AdapterResidency(self.pool, config.host_adapter_bytes)
-        apply_lora_transform(loaded.model, self.pool)
         self.blocks = BlockManager(num_blocks, config.block_size)
-        kv = allocate_kv_caches(loaded.args, num_blocks, config.block_size, self.device, loaded.dtype)
-        self.runner = ModelRunner(loaded.model, kv, config.block_size, self.device)
+        self.runner = ModelRunner(loaded, config, num_blocks, self.pool)  # KV caches, LoRA backend, CUDA graphs
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, config.max_adapters_per_step)
         queue = FairQueue(dict(config.tenant_weights), config.max_wait_s)
         self.scheduler = Scheduler(limits, self.blocks, self.residency, queue, self._on_finished)
@@ -163,7 +160,7 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if not batch.items:
             return self.scheduler.postprocess(batch, None)
-        rows = self.runner.run(batch)
+        rows = self.runner.run(batch, batch.num_logits)
         logits, scores = self._split_rows(batch, rows)
         seqs = batch.sampled
         self.last_step = StepRecord([s.request_id for s in seqs], logits)

@@ -76,13 +76,13 @@ def plan_memory(
         blocks = config.kv_cache_bytes // block_bytes
     elif usable is not None:
         left = usable - rows * row_bytes
-        if left < block_bytes:
+        if left < 2 * block_bytes:
             raise ModelLoadError(
                 f"no device memory left for the KV cache: {usable} usable bytes after the weights and a step's "
                 f"activations, {rows * row_bytes} of them for the adapter pool; lower --max-num-batched-tokens, "
                 "quantize the base or use a larger device"
             )
-        blocks = left // block_bytes
+        blocks = left // block_bytes - 1  # the runner allocates one more: its scratch block for padded steps
     else:
         per_seq = min(loaded.max_model_len, DEFAULT_KV_TOKENS_PER_SEQ)
         blocks = config.max_num_seqs * blocks_for(per_seq, config.block_size)

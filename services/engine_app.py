@@ -69,6 +69,8 @@ def engine_config(settings: EngineSettings) -> EngineConfig:
         max_model_len=settings.max_model_len,
         host_adapter_bytes=settings.host_adapter_bytes,
         quantization=settings.quantization,
+        lora_backend=settings.lora_backend,
+        enforce_eager=settings.enforce_eager,
         tenant_weights=parse_tenant_weights(settings.tenant_weights),
         max_wait_s=settings.max_wait_seconds,
     )
