@@ -35,7 +35,7 @@ from loraplex.engine.model.quant_int8 import dequantize_int8, quantize_int8
 from loraplex.engine.model.quant_linear import NF4Part, QuantizedLinear
 from loraplex.engine.model.quant_nf4 import block_scales, dynamic_map, nf4_code, quantize_nf4
 from loraplex.registry.errors import InvalidArgument
-from tests.engine.helpers import BASE, drive, prompts, request, tokens, until_eos
+from tests.engine.helpers import BASE, assert_mixed_batch_matches, drive, prompts, request, tokens, until_eos
 
 NEW_TOKENS = 6
 PROMPT_LEN = 7
@@ -108,33 +108,7 @@ def compare_mixed_batch(model_dir: Path, adapters: Mapping[str, Path], method: s
     """Greedy tokens equal and fp32 logits within 1e-4 of PEFT on bitsandbytes, for every row and step."""
     names = [*adapters, BASE, BASE]
     batch = prompts(len(names), PROMPT_LEN, seed=5)
-    model = oracle(model_dir, adapters, method)
-    input_ids = torch.tensor(batch)
-    with torch.no_grad():
-        prefill = model(input_ids, adapter_names=names).logits[:, -1].float()
-        out = model.generate(
-            input_ids,
-            adapter_names=names,
-            do_sample=False,
-            max_new_tokens=NEW_TOKENS,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    want = [until_eos(row[PROMPT_LEN:].tolist(), EOS) for row in out.sequences]
-    rows = enumerate(zip(batch, names, strict=True))
-    reqs = [request(f"r{i}", p, n, max_new_tokens=NEW_TOKENS) for i, (p, n) in rows]
-    deltas, logits = drive(core, reqs, record_logits=True)
-    for i, name in enumerate(names):
-        assert tokens(deltas[f"r{i}"]) == want[i], f"row {i} adapter {name}"
-        torch.testing.assert_close(logits[0][f"r{i}"], prefill[i], atol=1e-4, rtol=0)
-    compared = 0
-    for k in range(1, NEW_TOKENS):
-        for i in range(len(names)):
-            row = logits[k].get(f"r{i}") if k < len(logits) else None
-            if row is not None:
-                torch.testing.assert_close(row, out.logits[k][i].float(), atol=1e-4, rtol=0)
-                compared += 1
-    assert compared >= len(names) * 2
+    assert_mixed_batch_matches(core, oracle(model_dir, adapters, method), batch, names, NEW_TOKENS, EOS)
 
 
 @pytest.mark.parametrize("arch", ORACLE_ARCHS)
