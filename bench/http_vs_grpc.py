@@ -83,19 +83,23 @@ def start_engine(args: argparse.Namespace, work: Path) -> Engine:
             *("--blobs", f"file://{work}/blobs", "--log-level", "warning"),
         ]
     )
-    registry = f"127.0.0.1:{reg.wait_for(PORT_LINE, 60)}"
-    asyncio.run(_register(registry, (model_dir / "config.json").read_text()))
-    http_port = free_port()  # `engine serve` prints no port line for the HTTP door (yet), so choose it here
-    eng = spawn(
-        [
-            *("engine", "serve", "--model", str(model_dir), "--base-model", BASE_MODEL, "--registry", registry),
-            *("--listen", "127.0.0.1:0", "--http-listen", f"127.0.0.1:{http_port}", "--metrics-port", "0"),
-            *("--log-level", "warning", "--dtype", "float32", "--max-num-seqs", str(args.max_num_seqs)),
-            *("--max-lora-rank", "16", "--max-adapters-per-batch", str(max(1, args.adapters))),
-        ]
-    )
-    port = eng.wait_for(PORT_LINE, 300)
-    metrics = eng.wait_for(METRICS_LINE, 5)
+    try:
+        registry = f"127.0.0.1:{reg.wait_for(PORT_LINE, 60)}"
+        asyncio.run(_register(registry, (model_dir / "config.json").read_text()))
+        http_port = free_port()  # `engine serve` prints no port line for the HTTP door (yet), so choose it here
+        eng = spawn(
+            [
+                *("engine", "serve", "--model", str(model_dir), "--base-model", BASE_MODEL, "--registry", registry),
+                *("--listen", "127.0.0.1:0", "--http-listen", f"127.0.0.1:{http_port}", "--metrics-port", "0"),
+                *("--log-level", "warning", "--dtype", "float32", "--max-num-seqs", str(args.max_num_seqs)),
+                *("--max-lora-rank", "16", "--max-adapters-per-batch", str(max(1, args.adapters))),
+            ]
+        )
+        port = eng.wait_for(PORT_LINE, 300)  # stops the engine itself when it does not come up
+        metrics = eng.wait_for(METRICS_LINE, 5)
+    except BaseException:
+        reg.stop()
+        raise
     stack = Stack(f"127.0.0.1:{port}", registry, f"http://127.0.0.1:{metrics}/metrics", [eng, reg])
     return Engine(stack, f"http://127.0.0.1:{http_port}", eng.popen.pid, model_dir)
 
