@@ -229,7 +229,11 @@ async def read_sse(response: httpx.Response, r: Result) -> None:
         data = line[6:]
         if data == "[DONE]":
             return
-        chunk = json.loads(data)
+        try:
+            chunk = json.loads(data)
+        except json.JSONDecodeError:
+            r.error = "invalid SSE JSON"
+            return
         if "error" in chunk:
             r.error = str(chunk["error"].get("code", "stream error"))
             return
