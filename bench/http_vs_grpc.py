@@ -15,17 +15,19 @@ alternating gRPC, HTTP, gRPC, HTTP… ``--rounds`` times per load so drift on a 
 One discarded warm-up run per door first (every adapter loaded; they stay resident).
 
 Per door and load: output tokens/s over the run's span (first arrival → last token), TTFT (request sent → first
-token), end-to-end latency (sent → last byte), time per output token after the first (TPOT, per request), the
-engine process's CPU seconds and this client process's CPU seconds per 1,000 output tokens (steadier than wall
-time on a busy box). Medians over rounds; the HTTP - gRPC differences of the TTFT and end-to-end medians are the
-HTTP layer's added latency per request.
+token), end-to-end latency (sent → last byte), time per output token after the first (TPOT, per request), and CPU
+seconds per 1,000 output tokens of the engine process, of its event-loop thread, and of this client process
+(steadier than wall time on a busy box). Medians over rounds; the HTTP - gRPC differences of the TTFT and
+end-to-end medians are the HTTP layer's added latency under load. Before the loads, ``--pairs`` requests go one at
+a time, alternating doors (and which door goes first): the median of the paired differences is the door's unloaded
+added latency.
 
 With ``--guidellm PATH`` (a ``guidellm`` executable, e.g. /work/benchvenv/bin/guidellm) it then runs guidellm
 against the same engine's HTTP door (``bench/guidellm_sweep.py``): poisson at the same ``--rates`` by default,
 or guidellm's own ``sweep`` profile.
 
-Without ``--engine`` it starts a registry and a CPU engine as subprocesses, with serve.py's small random Llama
-(or ``--model-dir``, e.g. the demo model in .loraplex/demo/base). Loopback only.
+It starts its own registry and CPU engine as subprocesses (serve.py's pieces), with serve.py's small random
+Llama (or ``--model-dir``, e.g. the demo model in .loraplex/demo/base). Loopback only.
 
     .venv/bin/python bench/http_vs_grpc.py                                   # ~3 min on 2 busy cores
     .venv/bin/python bench/http_vs_grpc.py --guidellm /work/benchvenv/bin/guidellm --json /tmp/hvg.json
