@@ -48,6 +48,7 @@ class EngineConfig:
     host_adapter_bytes: int = 2 * 1024**3  # host tier budget (LRU; pinned and busy adapters stay)
     tenant_weights: tuple[tuple[str, float], ...] = ()  # fair-share weight per tenant (others: 1)
     max_wait_s: float = 10.0  # a request waiting longer is admitted before fairness/affinity order
+    max_dora_adapters: int = 8  # DoRA adapters the device pool holds at once (one factor row per module each)
     # base projections: "nf4" / "int8" quantize an unquantized checkpoint at load; a checkpoint saved quantized
     # by transformers + bitsandbytes loads as saved with "none" (or its own method)
     quantization: str = "none"
@@ -98,6 +99,8 @@ class EngineConfig:
                 f"gpu_adapter_rows ({self.gpu_adapter_rows}) must hold at least one adapter of "
                 f"max_lora_rank ({self.max_lora_rank})"
             )
+        if self.max_dora_adapters < 0:
+            raise InvalidArgument(f"max_dora_adapters must be >= 0, got {self.max_dora_adapters}")
         for tenant, weight in self.tenant_weights:
             if not tenant or not weight > 0 or weight == float("inf"):
                 raise InvalidArgument(f"tenant weight of {tenant!r} must be a positive finite number, got {weight}")

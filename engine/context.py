@@ -31,8 +31,27 @@ class SeqSlice:
     token_ids: list[int]  # the new tokens fed this step
     start_pos: int  # position of token_ids[0]
     block_table: list[int]  # KV blocks covering positions [0, start_pos + len(token_ids))
-    slot: int  # adapter pool slot, -1 = base model
+    slot: int  # adapter pool slot, -1 = base model, MERGED_SLOT = the adapter folded into the base weights
     num_logits: int  # trailing tokens that get a logits row: 0 none, 1 the last (sampling), len(token_ids) all
+
+
+MERGED_SLOT = -2  # a sequence of the merged adapter: no LoRA work at all (its delta is in the base weights)
+
+
+@dataclass(frozen=True)
+class AdapterExtras:
+    """A step's LoRA work beyond each token's own adapter (None on a ``Context`` when there is none).
+
+    unmerge / unmerge_logits: tokens (logits rows) that need the merged adapter's negated delta — everything but
+        the merged adapter's own — grouped into the negation's pool slot; None when no adapter is merged.
+    dora_tokens / dora_rows: int64 [Td] the step's tokens of DoRA adapters and their factor rows in the pool's
+        ``DoraStore`` (the per-column factor is applied after every delta); None when the step has none.
+    """
+
+    unmerge: LoRABatch | None = None
+    unmerge_logits: LoRABatch | None = None
+    dora_tokens: torch.Tensor | None = None
+    dora_rows: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,7 @@ class Context:
     decode_only: bool  # every sequence feeds exactly one token: the token axis is the sequence axis
     triton: bool  # attention runs the Triton paged kernels (else the padded torch path over ``grid``)
     grid: PaddedGrid | None  # present iff not ``triton``
+    extras: AdapterExtras | None = None  # the merged adapter's negation and DoRA factors (set by the runner)
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
     # Per-step values every layer would otherwise recompute (rotary cos/sin by table): built once, on first use.
     memo: dict[object, tuple[torch.Tensor, ...]] = field(default_factory=dict)

@@ -13,7 +13,7 @@ import torch
 
 from loraplex.engine.adapters.pool import AdapterPool
 from loraplex.engine.config import EngineConfig
-from loraplex.engine.context import Context, ContextBuilder, ContextCapacity, SeqSlice
+from loraplex.engine.context import MERGED_SLOT, AdapterExtras, Context, ContextBuilder, ContextCapacity, SeqSlice
 from loraplex.engine.cuda_graphs import DecodeGraphs
 from loraplex.engine.kv_cache import allocate_kv_caches, blocks_for
 from loraplex.engine.model.build import LoadedModel
@@ -21,6 +21,7 @@ from loraplex.engine.model.lora import apply_lora_transform
 from loraplex.engine.scheduler import ScheduledBatch
 from loraplex.kernels.lora import make_backend
 from loraplex.kernels.lora_step import LoRACapacity
+from loraplex.kernels.types import LoRABatch
 
 
 class ModelRunner:
@@ -33,6 +34,7 @@ class ModelRunner:
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig, num_blocks: int, pool: AdapterPool) -> None:
         self.model = loaded.model
+        self.pool = pool
         self.block_size = config.block_size
         self.device = torch.device(config.device)
         self.kv_caches = allocate_kv_caches(loaded.args, num_blocks + 1, config.block_size, self.device, loaded.dtype)
@@ -64,7 +66,7 @@ class ModelRunner:
                 token_ids=seq.token_ids[seq.num_computed : seq.num_computed + n],
                 start_pos=seq.num_computed,
                 block_table=seq.block_table,
-                slot=seq.slot,
+                slot=seq.slot if seq.slot >= 0 else -1,  # MERGED_SLOT needs no LoRA grouping
                 num_logits=(1 if seq.num_computed + n == seq.num_tokens else 0)
                 if num_logits is None
                 else num_logits[i],
@@ -73,7 +75,36 @@ class ModelRunner:
         ]
 
     def build_context(self, batch: ScheduledBatch, num_logits: Sequence[int] | None = None) -> Context:
-        return self.builder.build(self.slices(batch, num_logits))
+        ctx = self.builder.build(self.slices(batch, num_logits))
+        ctx.extras = self._extras(batch, ctx)
+        return ctx
+
+    def _needs_extras(self, batch: ScheduledBatch) -> bool:
+        rows = self.pool.dora.row_of_slot
+        return self.pool.merged_slot is not None or any(seq.slot >= 0 and rows[seq.slot] >= 0 for seq, _ in batch.items)
+
+    def _extras(self, batch: ScheduledBatch, ctx: Context) -> AdapterExtras | None:
+        """The step's negation grouping (an adapter is merged) and DoRA token rows; registered with the backend."""
+        if not self._needs_extras(batch):
+            return None
+        slots = [seq.slot for seq, n in batch.items for _ in range(n)]
+        logit_slots = [batch.items[b][0].slot for b in ctx.logits_seqs]
+        unmerge = unmerge_logits = None
+        merged = self.pool.merged_slot
+        if merged is not None:
+            unmerge = LoRABatch.from_slots([merged if s != MERGED_SLOT else -1 for s in slots], self.device)
+            unmerge_logits = LoRABatch.from_slots(
+                [merged if s != MERGED_SLOT else -1 for s in logit_slots], self.device
+            )
+            self.lora.register(unmerge)
+            self.lora.register(unmerge_logits)
+        rows = self.pool.dora.row_of_slot
+        dora = [(t, rows[s]) for t, s in enumerate(slots) if s >= 0 and rows[s] >= 0]
+        tokens = dora_rows = None
+        if dora:
+            tokens = torch.tensor([t for t, _ in dora], dtype=torch.int64, device=self.device)
+            dora_rows = torch.tensor([r for _, r in dora], dtype=torch.int64, device=self.device)
+        return AdapterExtras(unmerge, unmerge_logits, tokens, dora_rows)
 
     def _forward(self, ctx: Context) -> torch.Tensor:
         hidden = self.model(ctx, self.kv_caches)
@@ -84,8 +115,10 @@ class ModelRunner:
         """float32 logits [N, vocab]: for each scheduled sequence in order, its trailing ``num_logits`` tokens'
         rows (by default one row per ``batch.sampled`` sequence, in that order)."""
         slices = self.slices(batch, num_logits)
-        if self.graphs is not None:
+        if self.graphs is not None and not self._needs_extras(batch):
             logits = self.graphs.run(slices)
             if logits is not None:
                 return logits
-        return self._forward(self.builder.build(slices))
+        ctx = self.builder.build(slices)
+        ctx.extras = self._extras(batch, ctx)
+        return self._forward(ctx)

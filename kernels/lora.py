@@ -56,6 +56,11 @@ class LoRABackend(ABC):
         self.tokens, self.logits = self.metadata.fill(step)
         return self.tokens, self.logits
 
+    def register(self, batch: LoRABatch) -> None:
+        """Another grouping every layer of this step will use (e.g. the merged adapter's negation): planned once
+        here rather than once per layer. Valid until the next ``prepare``."""
+        return None
+
     @abstractmethod
     def apply(self, x: torch.Tensor, out: torch.Tensor, slices: Sequence[LoRASlice], batch: LoRABatch) -> None:
         """Add every slice's delta into ``out`` in place (x: [T, h_in], out: [T, sum(h_out)])."""
@@ -73,13 +78,19 @@ class TorchLoRABackend(LoRABackend):
         super().__init__(capacity, device)
         self.cache = torch_lora.ChunkCache()
         self._plans: dict[int, torch_lora.TilePlan] = {}
+        self._extra: list[LoRABatch] = []
 
     def prepare(self, step: LoRAStep) -> tuple[LoRABatch, LoRABatch]:
         self._plans = {}  # built on first use: a step without lm_head LoRA never plans its logits rows
+        self._extra = []  # registered groupings, kept alive so their ids stay theirs
         return super().prepare(step)
 
+    def register(self, batch: LoRABatch) -> None:
+        self._extra.append(batch)
+        self._plans[id(batch)] = torch_lora.TilePlan.build(batch)
+
     def _plan(self, batch: LoRABatch) -> torch_lora.TilePlan:
-        if batch is not self.tokens and batch is not self.logits:
+        if batch is not self.tokens and batch is not self.logits and all(batch is not b for b in self._extra):
             return torch_lora.TilePlan.build(batch)
         plan = self._plans.get(id(batch))
         if plan is None:

@@ -9,28 +9,54 @@ once per step by the runner and reaches the twins as ``ctx.lora`` / ``ctx.lora_l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from loraplex.engine.adapters.pool import AdapterPool
 from loraplex.engine.context import Context
 from loraplex.engine.model.llama import CausalLM, fused_slices
+from loraplex.kernels.dora import apply_dora_factors
 from loraplex.kernels.lora import LoRABackend
 from loraplex.kernels.types import LoRAModuleWeights, LoRASlice
 
 
-class LoRALinear(nn.Module):
-    """base(x) plus, per token, its adapter's delta for every fused slice (q/k/v into qkv, gate/up)."""
+@dataclass(frozen=True)
+class DoraSlice:
+    """One slice's DoRA factors (the pool's ``DoraStore`` buffer of this module) and its part of the bias."""
 
-    def __init__(self, base: nn.Module, slices: tuple[LoRASlice, ...], backend: LoRABackend) -> None:
+    factors: torch.Tensor  # float32 [F, h_out]
+    offset: int
+    bias: torch.Tensor | None
+
+
+class LoRALinear(nn.Module):
+    """base(x) plus, per token, its adapter's delta for every fused slice (q/k/v into qkv, gate/up).
+
+    With ``ctx.extras``: the merged adapter's negated delta for every token but its own, then DoRA's per-column
+    factor for the tokens of DoRA adapters (after every delta, so it scales base and adapter terms alike).
+    """
+
+    def __init__(
+        self, base: nn.Module, slices: tuple[LoRASlice, ...], backend: LoRABackend, dora: tuple[DoraSlice, ...] = ()
+    ) -> None:
         super().__init__()
         self.base = base
         self.slices = slices
         self.backend = backend
+        self.dora = dora
 
     def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         out: torch.Tensor = self.base(x, ctx)  # x: [T, h_in] -> out: [T, sum(h_out)]
         self.backend.apply(x, out, self.slices, ctx.lora)
+        extras = ctx.extras
+        if extras is not None:
+            if extras.unmerge is not None:
+                self.backend.apply(x, out, self.slices, extras.unmerge)
+            if extras.dora_tokens is not None and extras.dora_rows is not None:
+                for d in self.dora:
+                    apply_dora_factors(out, extras.dora_tokens, extras.dora_rows, d.factors, d.offset, d.bias)
         return out
 
 
@@ -44,6 +70,8 @@ class LoRAEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor, ctx: Context) -> torch.Tensor:
         out: torch.Tensor = self.base(ids, ctx)  # [T, hidden]
         self.backend.embedding(ids, self.lora_weights, out, ctx.lora)
+        if ctx.extras is not None and ctx.extras.unmerge is not None:
+            self.backend.embedding(ids, self.lora_weights, out, ctx.extras.unmerge)
         return out
 
 
@@ -59,6 +87,8 @@ class LoRALMHead(nn.Module):
     def forward(self, hidden: torch.Tensor, ctx: Context) -> torch.Tensor:
         out: torch.Tensor = self.base(hidden, ctx)  # [N, vocab]
         self.backend.apply(hidden, out, self.slices, ctx.lora_logits)
+        if ctx.extras is not None and ctx.extras.unmerge_logits is not None:
+            self.backend.apply(hidden, out, self.slices, ctx.extras.unmerge_logits)
         return out
 
 
@@ -76,8 +106,25 @@ def apply_lora_transform(model: CausalLM, pool: AdapterPool, backend: LoRABacken
                 if base is None:
                     continue
                 slices = tuple(LoRASlice(pool.weights[(i, name)], offset) for name, offset in parts)
-                setattr(parent, attr, LoRALinear(base, slices, backend))
+                dora = _dora_slices(base, pool, i, parts)
+                setattr(parent, attr, LoRALinear(base, slices, backend, dora))
     if (None, "embed_tokens") in pool.weights:
         model.embed_tokens = LoRAEmbedding(model.embed_tokens, pool.weights[(None, "embed_tokens")], backend)
     if (None, "lm_head") in pool.weights:
         model.lm_head = LoRALMHead(model.lm_head, pool.weights[(None, "lm_head")], backend)
+
+
+def _dora_slices(
+    base: nn.Module, pool: AdapterPool, layer: int, parts: tuple[tuple[str, int], ...]
+) -> tuple[DoraSlice, ...]:
+    """The DoRA factor buffers of one fused projection's modules, with each module's bias slice."""
+    if pool.dora.capacity == 0:
+        return ()
+    bias = getattr(base, "bias", None)
+    out = []
+    for name, offset in parts:
+        factors = pool.dora.factors[(layer, name)]
+        width = int(factors.shape[1])
+        part = None if not isinstance(bias, torch.Tensor) else bias[offset : offset + width]
+        out.append(DoraSlice(factors, offset, part))
+    return tuple(out)
