@@ -39,7 +39,7 @@ from loraplex.engine.core import EngineCore
 from loraplex.engine.model.args import parse_model_args
 from loraplex.engine.model.build import LoadedModel
 from loraplex.engine.model.llama import CausalLM
-from loraplex.engine.model.loader import expected_shapes
+from loraplex.engine.model.loader import ModelWeights, expected_shapes
 from loraplex.engine.model.rope import RotaryTable
 from loraplex.engine.request import GenerationRequest
 from loraplex.engine.sampling import SamplingParams
@@ -78,7 +78,7 @@ def random_model(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype, 
             weights[name] = torch.ones(shape, dtype=dtype, device=device)
         else:
             weights[name] = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
-    model = CausalLM(args, weights, RotaryTable(args, max_len, device, dtype))
+    model = CausalLM(args, ModelWeights(weights, {}, "none", dtype), RotaryTable(args, max_len, device, dtype))
     del weights
     vocab = {f"w{i}": i for i in range(args.vocab_size)}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))

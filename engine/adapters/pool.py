@@ -221,21 +221,8 @@ class AdapterPool:
             return
         if resident.refcount:
             raise ValueError(f"cannot evict {key}: {resident.refcount} sequences use it")
-        s = resident.slot
-        for mk, w in self.weights.items():
-            rows = resident.rows.get(mk)
-            if rows:
-                index = torch.tensor(rows, dtype=torch.long, device=self.device)
-                w.a_rows.index_fill_(0, index, 0)
-                w.b_rows.index_fill_(0, index, 0)
-                self._alloc[mk].give(rows)
-            w.ranks[s] = 0
-            w.scales[s] = 0.0
-            w.row_table[s].zero_()
-        self.dora.release(s)
         del self._residents[key]
-        self._free_slots.append(s)
-        self._free_slots.sort()
+        self._clear(resident.slot, resident.rows)
 
     def _load(self, key: str, adapter: PoolAdapter) -> _Resident:
         slot = self._free_slots.pop(0)
@@ -244,7 +231,7 @@ class AdapterPool:
             nbytes = self._write_slot(slot, adapter, taken)
             self.dora.load(slot, adapter.modules.items())
         except Exception as exc:
-            self._rollback(slot, taken)
+            self._clear(slot, taken)
             raise AdapterIncompatible(
                 f"adapter {key} cannot be loaded into the device pool: {exc}", reason="ADAPTER_LOAD_FAILED"
             ) from exc
@@ -277,8 +264,11 @@ class AdapterPool:
             nbytes += r * (w.a_rows.shape[1] + w.b_rows.shape[1]) * w.a_rows.element_size()
         return nbytes
 
-    def _rollback(self, slot: int, taken: dict[ModuleKey, list[int]]) -> None:
-        """Undo a partial load: zero and return every row taken, reset the slot everywhere, free the slot."""
+    def _clear(self, slot: int, taken: Mapping[ModuleKey, list[int]]) -> None:
+        """Zero and return every row in ``taken``, reset the slot everywhere (DoRA row too), free the slot.
+
+        The one way a slot is given back: an eviction and the rollback of a failed load both end here.
+        """
         for mk, w in self.weights.items():
             rows = taken.get(mk)
             if rows:
