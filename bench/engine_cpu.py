@@ -216,14 +216,14 @@ def breakdown(work: Workload) -> list[tuple[str, float]]:
     Nested phases are exclusive: "base matmuls" excludes the LoRA inside ``LoRALinear``; "other model ops" is the
     forward minus its timed parts (embedding, norms, rotary, activation, residual adds).
     """
+    from loraplex.engine import context as context_mod
     from loraplex.engine import core as core_mod
     from loraplex.engine import output as output_mod
-    from loraplex.engine import runner as runner_mod
     from loraplex.engine import scheduler as sched_mod
     from loraplex.engine.model import attention as attn_mod
     from loraplex.engine.model import layers as layers_mod
     from loraplex.engine.model import llama as llama_mod
-    from loraplex.engine.model import lora as lora_mod
+    from loraplex.kernels import lora as lora_mod
 
     totals: dict[str, float] = {}
     stack: list[float] = []  # child time to subtract from the enclosing timer
@@ -247,11 +247,12 @@ def breakdown(work: Workload) -> list[tuple[str, float]]:
         (sched_mod.Scheduler, "schedule", "schedule (Python)"),
         (sched_mod.Scheduler, "postprocess", "postprocess (Python)"),
         (output_mod.OutputState, "on_token", "detokenize + stops"),
-        (runner_mod.ModelRunner, "build_context", "context build"),
+        (context_mod.ContextBuilder, "build", "context build (incl. LoRA prepare)"),
         (llama_mod.CausalLM, "forward", "other model ops"),
         (layers_mod.Linear, "forward", "base matmuls"),
         (layers_mod.LMHead, "forward", "lm_head"),
-        (lora_mod, "apply_lora", "LoRA"),
+        (lora_mod.TorchLoRABackend, "apply", "LoRA"),
+        (lora_mod.TorchLoRABackend, "embedding", "LoRA"),
         (llama_mod, "write_kv", "attention (KV write + gather + SDPA)"),
         (llama_mod, "paged_attention", "attention (KV write + gather + SDPA)"),
         (core_mod, "sample", "sampling"),

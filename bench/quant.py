@@ -37,7 +37,6 @@ import torch
 from engine_cpu import ZOO, word_tokenizer
 
 from loraplex.engine.adapters.host import HostAdapter
-from loraplex.engine.adapters.host_cache import HostTier
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.core import EngineCore
 from loraplex.engine.model.build import LoadedModel, load_model
@@ -105,9 +104,9 @@ def make_core(model_dir: Path, adapters: dict[str, Path], method: str, dtype: st
         quantization=method,
     )
     loaded = load_model(model_dir, dtype, torch.device(device), None, method)
-    core = EngineCore(config, loaded, HostTier())
+    core = EngineCore(config, loaded)
     for name, path in adapters.items():
-        core.host.add(name, HostAdapter.from_peft_dir(path, core.loaded.spec, 64))
+        core.residency.add(name, HostAdapter.from_peft_dir(path, core.loaded.spec, 64))
     return core
 
 

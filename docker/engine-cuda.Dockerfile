@@ -11,7 +11,8 @@
 # .../whl/cu128 pins one CUDA version (it must offer TORCH_VERSION). Triton compiles its kernel launchers at run
 # time and needs a C compiler and Python headers, hence gcc and python3-dev in the runtime stage.
 
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+# NVIDIA's CUDA runtime image on Docker Hub, pinned to an exact CUDA release and Ubuntu version.
+ARG CUDA_IMAGE=docker.io/nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
 # ---- build: a virtual environment holding torch (CUDA) + loraplex[engine,gpu] ----------------------------
 FROM ${CUDA_IMAGE} AS build

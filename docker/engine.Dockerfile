@@ -11,7 +11,8 @@
 # The model is not in the image: mount a Hugging Face folder (config.json, *.safetensors, tokenizer.json) and
 # point LORAPLEX_MODEL at it. For GPUs use docker/engine-cuda.Dockerfile.
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# The official Python image on Docker Hub, pinned to an exact release (3.11.13 on Debian 12).
+ARG PYTHON_IMAGE=docker.io/library/python:3.11.13-slim-bookworm
 
 # ---- build: a virtual environment holding torch (CPU) + loraplex[engine] ---------------------------------
 FROM ${PYTHON_IMAGE} AS build

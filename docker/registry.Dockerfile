@@ -10,7 +10,8 @@
 # files, see compose.yaml). Entry point is the `loraplex` CLI, so `docker run IMAGE registry gc --dry-run`
 # and `docker run IMAGE adapters list --registry HOST:PORT` work too.
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# The official Python image on Docker Hub, pinned to an exact release (3.11.13 on Debian 12).
+ARG PYTHON_IMAGE=docker.io/library/python:3.11.13-slim-bookworm
 
 # ---- build: a virtual environment holding loraplex[registry] ---------------------------------------------
 FROM ${PYTHON_IMAGE} AS build

@@ -15,6 +15,7 @@ _DEVICES = ("cpu", "cuda")
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_POOL_ADAPTERS = 16  # adapters of max_lora_rank the default device pool holds
 _QUANTIZATIONS = ("none", "nf4", "int8")
+_LORA_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,14 @@ class EngineConfig:
     host_adapter_bytes: int = 2 * 1024**3  # host tier budget (LRU; pinned and busy adapters stay)
     tenant_weights: tuple[tuple[str, float], ...] = ()  # fair-share weight per tenant (others: 1)
     max_wait_s: float = 10.0  # a request waiting longer is admitted before fairness/affinity order
+    max_dora_adapters: int = 8  # DoRA adapters the device pool holds at once (one factor row per module each)
     # base projections: "nf4" / "int8" quantize an unquantized checkpoint at load; a checkpoint saved quantized
     # by transformers + bitsandbytes loads as saved with "none" (or its own method)
     quantization: str = "none"
+    # LoRA and attention kernels: "auto" = Triton on CUDA, torch elsewhere; "triton" on CPU runs the interpreter.
+    lora_backend: str = "auto"
+    # Never capture CUDA graphs for decode steps (graphs need the Triton backend on CUDA).
+    enforce_eager: bool = False
 
     def validate(self) -> None:
         """Raise ``InvalidArgument`` naming the first bad field."""
@@ -59,6 +65,8 @@ class EngineConfig:
             raise InvalidArgument(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.quantization not in _QUANTIZATIONS:
             raise InvalidArgument(f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}")
+        if self.lora_backend not in _LORA_BACKENDS:
+            raise InvalidArgument(f"lora_backend must be one of {_LORA_BACKENDS}, got {self.lora_backend!r}")
         positive = {
             "block_size": self.block_size,
             "max_num_seqs": self.max_num_seqs,
@@ -91,6 +99,8 @@ class EngineConfig:
                 f"gpu_adapter_rows ({self.gpu_adapter_rows}) must hold at least one adapter of "
                 f"max_lora_rank ({self.max_lora_rank})"
             )
+        if self.max_dora_adapters < 0:
+            raise InvalidArgument(f"max_dora_adapters must be >= 0, got {self.max_dora_adapters}")
         for tenant, weight in self.tenant_weights:
             if not tenant or not weight > 0 or weight == float("inf"):
                 raise InvalidArgument(f"tenant weight of {tenant!r} must be a positive finite number, got {weight}")

@@ -15,14 +15,19 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from loraplex.engine.adapters.pool import AdapterPool, bytes_per_row
+from loraplex.engine.adapters.base_weights import dense_weight
+from loraplex.engine.adapters.dora import dora_column_factor
+from loraplex.engine.adapters.host import HostAdapter
+from loraplex.engine.adapters.merge import MergedAdapter, merge_adapter, unmerge_adapter
+from loraplex.engine.adapters.pool import AdapterPool
 from loraplex.engine.adapters.residency import AdapterResidency
-from loraplex.engine.config import DEFAULT_POOL_ADAPTERS, EngineConfig
+from loraplex.engine.adapters.types import ModuleKey, ModuleLoRA
+from loraplex.engine.config import EngineConfig
 from loraplex.engine.fairness import FairQueue
-from loraplex.engine.kv_cache import BlockManager, allocate_kv_caches, blocks_for, bytes_per_block
+from loraplex.engine.kv_cache import BlockManager
+from loraplex.engine.memory import plan_for_device
 from loraplex.engine.model.build import LoadedModel, load_model
 from loraplex.engine.model.errors import ModelLoadError
-from loraplex.engine.model.lora import apply_lora_transform
 from loraplex.engine.output import OutputState
 from loraplex.engine.request import GenerationRequest
 from loraplex.engine.runner import ModelRunner
@@ -30,9 +35,9 @@ from loraplex.engine.sampling import make_generator, prompt_logprobs, sample
 from loraplex.engine.scheduler import Event, PromptScores, ScheduledBatch, Scheduler, SchedulerLimits
 from loraplex.engine.sequence import Sequence
 from loraplex.engine.stats import EngineStats, empty_stats
-from loraplex.registry.errors import InvalidArgument
+from loraplex.registry.errors import FailedPrecondition, InvalidArgument
 
-_DEFAULT_KV_TOKENS_PER_SEQ = 2048
+NEGATION_KEY = "__merged-negation__"  # the pool key of the merged adapter's negated delta
 
 
 @dataclass
@@ -43,31 +48,14 @@ class StepRecord:
     logits: torch.Tensor | None = None
 
 
-def _num_kv_blocks(config: EngineConfig, loaded: LoadedModel) -> int:
-    if config.kv_cache_blocks is not None:
-        return config.kv_cache_blocks
-    if config.kv_cache_bytes is not None:
-        return config.kv_cache_bytes // bytes_per_block(loaded.args, config.block_size, loaded.dtype)
-    per_seq = min(loaded.max_model_len, _DEFAULT_KV_TOKENS_PER_SEQ)
-    return config.max_num_seqs * blocks_for(per_seq, config.block_size)
-
-
-def _pool_rows(config: EngineConfig, loaded: LoadedModel) -> int:
-    if config.gpu_adapter_rows is not None:
-        return config.gpu_adapter_rows
-    if config.gpu_adapter_bytes is not None:
-        element = torch.empty((), dtype=loaded.dtype).element_size()
-        return config.gpu_adapter_bytes // bytes_per_row(loaded.spec, config.lora_embeddings, element)
-    return config.max_lora_rank * DEFAULT_POOL_ADAPTERS
-
-
 class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel) -> None:
         self.config = config
         self.loaded = loaded
         self.device = torch.device(config.device)
         self.max_model_len = loaded.max_model_len
-        num_blocks = _num_kv_blocks(config, loaded)
+        plan = plan_for_device(config, loaded, self.device)
+        num_blocks = plan.kv_blocks
         if num_blocks * config.block_size < self.max_model_len:
             raise ModelLoadError(
                 f"KV cache of {num_blocks} blocks x {config.block_size} tokens cannot hold one sequence of "
@@ -76,17 +64,18 @@ class EngineCore:
         self.pool = AdapterPool(
             loaded.spec,
             num_slots=config.max_adapters_per_step,
-            rows=_pool_rows(config, loaded),
+            rows=plan.pool_rows,
             max_rank=config.max_lora_rank,
             device=self.device,
             dtype=loaded.dtype,
             embeddings=config.lora_embeddings,
+            dora_capacity=config.max_dora_adapters,
         )
+        self.pool.dora.factor_fn = self._dora_factor
         self.residency = AdapterResidency(self.pool, config.host_adapter_bytes)
-        apply_lora_transform(loaded.model, self.pool)
+        self.merged: tuple[str, MergedAdapter] | None = None  # the adapter folded into the base weights
         self.blocks = BlockManager(num_blocks, config.block_size)
-        kv = allocate_kv_caches(loaded.args, num_blocks, config.block_size, self.device, loaded.dtype)
-        self.runner = ModelRunner(loaded.model, kv, config.block_size, self.device)
+        self.runner = ModelRunner(loaded, config, num_blocks, self.pool)  # KV caches, LoRA backend, CUDA graphs
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, config.max_adapters_per_step)
         queue = FairQueue(dict(config.tenant_weights), config.max_wait_s)
         self.scheduler = Scheduler(limits, self.blocks, self.residency, queue, self._on_finished)
@@ -95,6 +84,58 @@ class EngineCore:
         # fetching can start (or join) its download; requests wait for it without blocking others.
         self.on_adapter_missing: Callable[[str], None] = lambda key: None
         self._stats_cache: tuple[int, EngineStats] = (-1, empty_stats())
+
+    # ---- DoRA and the merged adapter ---------------------------------------------------------------------
+    def _dora_factor(self, key: ModuleKey, lora: ModuleLoRA) -> torch.Tensor:
+        """DoRA's per-column factor of one module, from the UNMERGED base weight (dequantized if quantized)."""
+        if lora.magnitude is None:
+            raise ValueError("a DoRA factor needs a magnitude")
+        weight = None
+        if self.merged is not None:
+            weight = self.merged[1].originals.get(key)
+        if weight is None:
+            weight = dense_weight(self.loaded.model, key)
+        return dora_column_factor(weight.to(self.device), lora.a, lora.b, lora.scale, lora.magnitude)
+
+    def merge_adapter(self, key: str) -> None:
+        """Fold host-resident adapter ``key`` into the base weights (step thread, between steps).
+
+        Its requests then do no LoRA work (``MERGED_SLOT``); every other token runs the negated delta as an extra
+        slice from a pinned pool slot, so base rows and other adapters stay exact. Running sequences of ``key``
+        keep their own slot (own delta + negation + merged weights = exact).
+        """
+        if self.merged is not None:
+            raise FailedPrecondition(
+                f"adapter {self.merged[0]} is already merged; unmerge it first", reason="ALREADY_MERGED"
+            )
+        adapter = self.residency.get(key)
+        if adapter is None:
+            raise FailedPrecondition(f"adapter {key} is not resident; prefetch it first", reason="NOT_RESIDENT")
+        if adapter.dora:
+            raise FailedPrecondition("a DoRA adapter cannot be merged (its output is not W + a low-rank delta)")
+        merged = merge_adapter(self.loaded.model, adapter.modules)
+        try:
+            slot = self.pool.acquire(NEGATION_KEY, HostAdapter(merged.negated, adapter.rank))
+        except BaseException:
+            unmerge_adapter(self.loaded.model, merged)
+            raise
+        self.merged = (key, merged)
+        self.pool.merged_slot = slot
+        self.scheduler.merged_key = key
+
+    def unmerge_adapter(self) -> str | None:
+        """Restore the original base weights bit for bit; returns the key that was merged (None if none)."""
+        if self.merged is None:
+            return None
+        key, merged = self.merged
+        self.scheduler.unmerging(key)  # its running sequences get a pool slot back (or are recomputed)
+        unmerge_adapter(self.loaded.model, merged)
+        self.merged = None
+        self.scheduler.merged_key = None
+        self.pool.merged_slot = None
+        self.pool.release(NEGATION_KEY)
+        self.pool.evict(NEGATION_KEY)
+        return key
 
     @classmethod
     def load(cls, config: EngineConfig) -> EngineCore:
@@ -181,7 +222,7 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if not batch.items:
             return self.scheduler.postprocess(batch, None)
-        rows = self.runner.run(batch)
+        rows = self.runner.run(batch, batch.num_logits)
         logits, scores = self._split_rows(batch, rows)
         seqs = batch.sampled
         self.last_step = StepRecord([s.request_id for s in seqs], logits)
@@ -237,6 +278,7 @@ class EngineCore:
         residents = cached.residents if version == self.residency.version else self.residency.snapshot()
         running_names, waiting_names = self.scheduler.adapter_names()
         stats = EngineStats(
+            merged_adapter=None if self.merged is None else self.merged[0],
             kv_blocks_free=self.blocks.num_free,
             kv_blocks_total=self.blocks.num_blocks,
             block_size=self.config.block_size,

@@ -207,6 +207,14 @@ class LLMEngine:
     def pin_adapter(self, key: str, pinned: bool) -> asyncio.Future[None]:
         return self._ask(lambda: self._core.residency.pin(key, pinned))
 
+    def merge_adapter(self, key: str) -> asyncio.Future[None]:
+        """Fold host-resident ``key`` into the base weights between steps (see ``EngineCore.merge_adapter``)."""
+        return self._ask(lambda: self._core.merge_adapter(key))
+
+    def unmerge_adapter(self) -> asyncio.Future[str | None]:
+        """Restore the base weights; the future gives the key that was merged (None if none was)."""
+        return self._ask(self._core.unmerge_adapter)
+
     def host_adapter(self, key: str) -> asyncio.Future[HostAdapter | None]:
         """The parsed adapter held under ``key`` (None if absent); adapters are immutable, so sharing is safe."""
         return self._ask(lambda: self._core.residency.get(key))
@@ -285,7 +293,7 @@ class LLMEngine:
         def run() -> list[Event]:
             try:
                 result = fn()
-                self._publish_host_keys()  # an answered command's effect is visible to has_adapter() at once
+                self._publish()  # an answered command's effect is visible to has_adapter() and stats() at once
             except Exception as exc:
                 settle(functools.partial(_settle, future, None, exc))
             else:

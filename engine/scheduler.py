@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from loraplex.engine.adapters.residency import AdapterResidency
+from loraplex.engine.context import MERGED_SLOT
 from loraplex.engine.fairness import FairQueue
 from loraplex.engine.kv_cache import BlockManager
 from loraplex.engine.request import Delta, FinishReason, Usage
@@ -87,6 +88,7 @@ class Scheduler:
         self._on_finished = on_finished
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # total since start, for stats and tests
+        self.merged_key: str | None = None  # its requests run on the merged base weights: no pool slot at all
         residency.set_wanted(self.waiting.wants)
 
     # ---- admission / removal -------------------------------------------------------------------------------
@@ -173,6 +175,8 @@ class Scheduler:
             if seq.status is not SequenceStatus.WAITING:
                 continue  # failed with its adapter earlier in this walk
             key = seq.adapter_key
+            if key is not None and key == self.merged_key:
+                key = None  # merged into the base: admitted like a base-model request
             if key is not None:
                 if not self.residency.has(key) or (reserved is not None and key != reserved):
                     continue  # not fetched yet, or holding back for an aged request
@@ -192,6 +196,8 @@ class Scheduler:
                     self.residency.discard(key)
                     continue
                 adapters.add(key)
+            if seq.adapter_key is not None and key is None:
+                seq.slot = MERGED_SLOT
             self.blocks.allocate(seq.block_table, seq.num_computed + n)
             self.waiting.remove(seq)
             self.running.append(seq)
@@ -251,9 +257,17 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.blocks.free(seq.block_table)
         seq.num_computed = 0
-        if seq.status is SequenceStatus.RUNNING and seq.adapter_key is not None:
+        if seq.status is SequenceStatus.RUNNING and seq.adapter_key is not None and seq.slot >= 0:
             self.residency.release(seq.adapter_key)
         seq.slot = -1
+
+    def unmerging(self, key: str) -> None:
+        """``key`` leaves the base weights: its running sequences need their own slot again, or a recompute."""
+        for seq in [s for s in self.running if s.slot == MERGED_SLOT and s.adapter_key == key]:
+            if self.residency.can_acquire(key):
+                seq.slot = self.residency.acquire(key)
+            else:
+                self._preempt(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free everything and requeue (by its arrival: in front); it recomputes prompt + output when readmitted."""

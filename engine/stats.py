@@ -29,6 +29,7 @@ class EngineStats:
     running_adapter_names: tuple[str, ...] = ()  # adapters with a running request, as clients named them
     waiting_adapter_names: tuple[str, ...] = ()  # adapters whose requests only wait
     max_adapters_per_step: int = 0
+    merged_adapter: str | None = None  # the key of the adapter folded into the base weights
     created: float = field(default=0.0, compare=False)  # time.time() when published
 
     @property

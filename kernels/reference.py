@@ -73,6 +73,7 @@ def paged_attention_decode_ref(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence attending over its paged KV history (GQA aware).
 
@@ -81,6 +82,7 @@ def paged_attention_decode_ref(
         k_cache/v_cache: [num_blocks, block_size, n_kv_heads, head_dim]
         block_tables: int32 [B, max_blocks]   (entries past a sequence's length are ignored)
         context_lens: int32 [B]               (tokens of history incl. the current one, already written)
+        window:       None, or keep only keys p with (L - 1) - p < window (sliding window)
         returns       [B, n_heads, head_dim] in q's dtype
     Semantics:
         for b: L = context_lens[b]; slots p < L live at block_tables[b, p // bs], offset p % bs
@@ -96,9 +98,55 @@ def paged_attention_decode_ref(
         blocks = block_tables[b, :n_blocks].long()
         k = k_cache[blocks].reshape(-1, n_kv, head_dim)[:length].float()  # [L, n_kv, d]
         v = v_cache[blocks].reshape(-1, n_kv, head_dim)[:length].float()
-        k = k.repeat_interleave(group, dim=1)  # [L, n_heads, d]
-        v = v.repeat_interleave(group, dim=1)
+        first = 0 if window is None else max(0, length - window)
+        k = k[first:].repeat_interleave(group, dim=1)  # [L', n_heads, d]
+        v = v[first:].repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
         probs = torch.softmax(scores, dim=-1)
         out[b] = torch.einsum("hl,lhd->hd", probs, v).to(q.dtype)
+    return out
+
+
+def paged_attention_prefill_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    q_start: torch.Tensor,
+    q_len: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of every new token of a mixed prefill/decode step over its sequence's paged history.
+
+    Shapes:
+        q:            [T, n_heads, head_dim]   sequence b's new tokens are q[q_start[b] : q_start[b] + q_len[b]]
+        k_cache/v_cache: [num_blocks, block_size, n_kv_heads, head_dim] (already holding this step's keys)
+        block_tables: int32 [B, max_blocks];  q_start, q_len, context_lens: int32 [B]
+        returns       [T, n_heads, head_dim] in q's dtype (rows of no sequence are zero)
+    Semantics:
+        for b: L = context_lens[b]; new token i sits at position p_i = L - q_len[b] + i and sees keys j with
+               j <= p_i (causal) and, with a window w, p_i - j < w; GQA as in the decode reference; fp32 math.
+    """
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
+    group = n_heads // n_kv
+    out = torch.zeros_like(q)
+    for b in range(block_tables.shape[0]):
+        length, n, start = int(context_lens[b]), int(q_len[b]), int(q_start[b])
+        if n == 0:
+            continue
+        blocks = block_tables[b, : (length + block_size - 1) // block_size].long()
+        k = k_cache[blocks].reshape(-1, n_kv, head_dim)[:length].float().repeat_interleave(group, dim=1)
+        v = v_cache[blocks].reshape(-1, n_kv, head_dim)[:length].float().repeat_interleave(group, dim=1)
+        pos = torch.arange(length - n, length).view(-1, 1)  # [n, 1]
+        j = torch.arange(length).view(1, -1)  # [1, L]
+        visible = j <= pos
+        if window is not None:
+            visible &= pos - j < window
+        scores = torch.einsum("ihd,lhd->hil", q[start : start + n].float(), k) * scale
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start : start + n] = torch.einsum("hil,lhd->ihd", probs, v).to(q.dtype)
     return out

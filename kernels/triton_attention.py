@@ -11,6 +11,7 @@ comes from the block table's width, never from ``context_lens`` values, so the l
 Semantics (see ``reference.paged_attention_decode_ref``):
     for b, h: L = context_lens[b];  kv head = h // (n_heads // n_kv_heads)
               key/value p < L live at block_tables[b, p // block_size], offset p % block_size
+              (with a sliding window w: only keys p >= L - w)
               out[b, h] = softmax(q[b, h] · Kᵀ · scale) · V        (fp32 math, q's dtype out)
 """
 
@@ -41,6 +42,7 @@ def _decode_kernel(
     part_l_ptr,  # fp32 [B, H, P]  softmax denominator per partition
     part_acc_ptr,  # fp32 [B, H, P, D] unnormalised output per partition
     scale,
+    window,  # 0 = no sliding window; else keys p >= L - window only
     head_dim,
     block_size,
     partition_size,
@@ -73,6 +75,9 @@ def _decode_kernel(
     if start >= tl.maximum(length, 1):  # partitions past the history; partition 0 always writes its result
         return
     end = tl.minimum(start + partition_size, length)
+    lo = start
+    if window > 0:
+        lo = tl.maximum(start, length - window)  # a partition wholly before the window keeps its empty state
 
     offs_g = tl.arange(0, G_PAD)
     mask_g = offs_g < GROUP
@@ -88,7 +93,7 @@ def _decode_kernel(
     table = block_tables_ptr + b.to(tl.int64) * stride_bt
     k_head = k_ptr + kvh * stride_kh
     v_head = v_ptr + kvh * stride_vh
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in range(lo, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         mask_n = pos < end
         blk = tl.load(table + pos // block_size, mask=mask_n, other=0).to(tl.int64)
@@ -211,8 +216,11 @@ def paged_attention_decode(
     scale: float,
     partition_size: int | None = None,
     config: triton.Config | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Decode attention over a paged KV cache; returns [B, n_heads, head_dim] in q's dtype.
+
+    ``window`` keeps only the last ``window`` keys of each history (sliding-window layers).
 
     ``partition_size`` (tokens per parallel split, default 512) and ``config`` are knobs for tests and
     benchmarks; the result does not depend on them beyond float rounding.
@@ -249,6 +257,7 @@ def paged_attention_decode(
         part_l,
         part_acc,
         float(scale),
+        0 if window is None else int(window),
         head_dim,
         block_size,
         part,

@@ -93,6 +93,18 @@ ATTENTION_CONFIGS = [
 ]
 
 
+# Paged prefill attention: rows = BLOCK_M tokens x the GQA group; BLOCK_N keys per step.
+PREFILL_DEFAULT = _cfg(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2)
+PREFILL_CONFIGS = [
+    PREFILL_DEFAULT,
+    _cfg(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
+    _cfg(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
+    _cfg(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+    _cfg(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+    _cfg(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3),
+]
+
+
 def prune_shrink(configs: list[triton.Config], named_args: dict[str, Any], **_: Any) -> list[triton.Config]:
     """Drop configs whose K chunks are shorter than one K tile; only the default when interpreting."""
     if interpreting():
@@ -118,3 +130,12 @@ def prune_attention(configs: list[triton.Config], named_args: dict[str, Any], **
     part = int(named_args["partition_size"])
     kept = [c for c in configs if c.kwargs["BLOCK_N"] <= part]
     return kept or [ATTENTION_DEFAULT]
+
+
+def prune_prefill(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
+    """Only the default when interpreting; otherwise keep tiles of at most 256 rows (tokens x GQA group)."""
+    if interpreting():
+        return [PREFILL_DEFAULT]
+    group = int(triton.next_power_of_2(int(kwargs.get("GROUP", named_args.get("GROUP", 1)))))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * group <= 256]
+    return kept or [PREFILL_DEFAULT]

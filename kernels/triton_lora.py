@@ -128,3 +128,31 @@ def apply_lora(
     launch_shrink(x, y, table, batch, max_rank, len(plans), dtype, shrink_config)
     h_outs = [int(p.weights.b_rows.shape[1]) for p in plans]
     launch_expand(y, out, table, batch, h_outs, max_rank, dtype, expand_config)
+
+
+def lora_embedding(
+    token_ids: torch.Tensor,
+    batch: LoRABatch,
+    w: LoRAModuleWeights,
+    out: torch.Tensor,
+    config: triton.Config | None = None,
+) -> None:
+    """Embedding LoRA (``reference.lora_embedding_ref``): out[t, :h_out] += scale · A[:, id_t] · Bᵀ.
+
+    The shrink is a column gather y[t, j] = a_rows[row_table[slot_t, j], id_t], done with torch ops over the
+    per-token slots (``batch.token_slot``), so nothing waits on the host; the expand is the expand kernel, which
+    reads only each segment's ``[:r]`` columns of y. Graph-capturable like ``apply_lora``.
+    """
+    if batch.token_slot is None:
+        raise ValueError("lora_embedding needs LoRABatch.token_slot (the per-token slots)")
+    _check_matrix("out", out, rows=int(token_ids.shape[0]))
+    check_weights(w, None, out.device)
+    check_batch(batch, out.device)
+    if batch.is_empty:
+        return
+    if batch.token_slot.shape[0] != token_ids.shape[0]:
+        raise ValueError(f"token_slot has {batch.token_slot.shape[0]} entries for {token_ids.shape[0]} tokens")
+    rows = w.row_table.index_select(0, batch.token_slot.clamp(min=0)).long()  # [T, R]
+    y = w.a_rows[rows, token_ids.long().view(-1, 1)].float()  # [T, R]
+    table = meta_table([SlicePlan(w, 0, 0)], out.device)
+    launch_expand(y, out, table, batch, [int(w.b_rows.shape[1])], w.max_rank, w.b_rows.dtype, config)

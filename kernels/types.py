@@ -7,7 +7,7 @@ fixed-shape buffers (CUDA-graph safe); the host-side segment list exists only fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -22,6 +22,10 @@ class LoRABatch:
     seg_len:     int32 [S]        number of tokens of segment g (may be 0 in padded buffers)
     seg_slot:    int32 [S]        pool slot of segment g
     host_segments: the same (slot, start, len) triples on the host, for the CPU path (no device syncs).
+    token_slot:  int32 [T] or None  pool slot of every token of the step (-1 = none), for gathers indexed by
+                                  token (embedding LoRA); None when the builder did not provide it.
+    The engine's batches are views of preallocated buffers (``kernels.lora_step``); padded views (CUDA-graph
+    buckets) carry zero-length segments and unused ``token_order`` entries past the last segment.
     """
 
     token_order: torch.Tensor
@@ -29,6 +33,7 @@ class LoRABatch:
     seg_len: torch.Tensor
     seg_slot: torch.Tensor
     host_segments: tuple[tuple[int, int, int], ...] = field(default=())
+    token_slot: torch.Tensor | None = None
 
     @property
     def num_segments(self) -> int:
@@ -53,7 +58,8 @@ class LoRABatch:
             members = [t for t, s in enumerate(token_slots) if s == slot]
             segments.append((slot, len(order), len(members)))
             order.extend(members)
-        return LoRABatch.from_segments(order, segments, device)
+        token_slot = torch.tensor(token_slots, dtype=torch.int32, device=device)
+        return replace(LoRABatch.from_segments(order, segments, device), token_slot=token_slot)
 
     @staticmethod
     def from_segments(

@@ -44,24 +44,12 @@ def add_commands(top: Any, client: argparse.ArgumentParser, as_json: argparse.Ar
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from loraplex.services.engine_app import EngineApp
+    from loraplex.services.engine_app import serve_engine
     from loraplex.services.logs import configure_logging
-    from loraplex.services.server import run_until_signal
 
     settings = from_sources(EngineSettings, args)
     configure_logging(settings.log_level)
-    app = EngineApp(settings)
-    try:
-        handle = await app.start()
-    except BaseException:
-        # A half-started app (server bound, model failed) must stop on this loop: left to the garbage collector,
-        # the gRPC server schedules its shutdown on a closed loop ("Event loop is closed" after the error line).
-        await app.stop()
-        raise
-    if app.metrics_port is not None:
-        print(f"loraplex engine metrics on port {app.metrics_port}", flush=True)
-    print(f"loraplex engine listening on port {handle.port}", flush=True)
-    await run_until_signal(handle, on_stop=app.stop)
+    await serve_engine(settings)  # a failed start stops what it started before the error reaches the CLI
     return 0
 
 

@@ -293,6 +293,18 @@ def training_quietly(threads: int) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def share_readable(folder: Path) -> None:
+    """Make the build readable by every user: files 0644, folders 0755.
+
+    Why: safetensors writes 0600 files, and compose mounts the model folder into an engine that runs as uid
+    10001, not as the user who trained it. Nothing in the build is secret.
+    """
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def _assets(folder: Path, recipe: Recipe, trained: bool, seconds: float) -> DemoAssets:
     manifest = json.loads((folder / MANIFEST).read_text())
     return DemoAssets(
@@ -320,6 +332,7 @@ def build_demo(
     folder = root / recipe.fingerprint()[:12]
     start = time.perf_counter()
     if (folder / MANIFEST).is_file() and not rebuild:
+        share_readable(folder)  # a build from before the modes were fixed
         return _assets(folder, recipe, trained=False, seconds=time.perf_counter() - start)
     from loraplex.services.demo_assets import char_tokenizer
 
@@ -341,6 +354,7 @@ def build_demo(
             scores[task.name] = train_adapter(session, task, i, folder / "model", folder / "adapters" / task.name)
     manifest = {"recipe": recipe.fingerprint(), "held_out": list(held_out), "validation": scores}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    share_readable(folder)
     for other in root.iterdir():
         if other != folder and other.is_dir() and BUILD_DIR.fullmatch(other.name) and (other / MANIFEST).is_file():
             shutil.rmtree(other)

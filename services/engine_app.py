@@ -24,7 +24,7 @@ from loraplex.registry.errors import InvalidArgument
 from loraplex.services.auth import TokenAuthority
 from loraplex.services.base_model import determine_base_model
 from loraplex.services.engine_metrics import EngineMetrics
-from loraplex.services.engine_servicer import SERVICE_NAME, EngineRuntime, EngineServicer
+from loraplex.services.engine_servicer import SERVICE_NAME, EngineRuntime, EngineServicer, merge_reference
 from loraplex.services.fetcher import AdapterFetcher
 from loraplex.services.generation import GenerationFrontend
 from loraplex.services.mixes import MixBuilder
@@ -69,8 +69,11 @@ def engine_config(settings: EngineSettings) -> EngineConfig:
         max_model_len=settings.max_model_len,
         host_adapter_bytes=settings.host_adapter_bytes,
         quantization=settings.quantization,
+        lora_backend=settings.lora_backend,
+        enforce_eager=settings.enforce_eager,
         tenant_weights=parse_tenant_weights(settings.tenant_weights),
         max_wait_s=settings.max_wait_seconds,
+        max_dora_adapters=settings.max_dora_adapters,
     )
 
 
@@ -184,7 +187,11 @@ class EngineApp:
         mixes = MixBuilder(engine, self.fetcher, config.max_lora_rank) if self.fetcher is not None else None
         frontend = GenerationFrontend(engine, self.fetcher, self.metrics, mixes)
         info = model_info(s, engine, config, self.base_model)
-        self.servicer.runtime = EngineRuntime(engine, self.fetcher, info, self.metrics, frontend)
+        runtime = EngineRuntime(engine, self.fetcher, info, self.metrics, frontend)
+        if s.merge_adapter:
+            merged = await merge_reference(runtime, s.merge_adapter, s.registry_token or "")
+            log.info("merged adapter into the base weights", extra={"adapter": merged.ref, "digest": merged.digest})
+        self.servicer.runtime = runtime
         await handle.set_serving(True)
         log.info("engine serving", extra={"port": handle.port, "model": s.model, "base_model": self.base_model})
         return handle

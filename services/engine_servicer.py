@@ -131,7 +131,13 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
         return pb.TokenizeResponse(token_ids=encoding.ids, tokens=encoding.tokens)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.GetModelInfoResponse:
-        return self._rt().info
+        rt = self._rt()
+        info = pb.GetModelInfoResponse()
+        info.CopyFrom(rt.info)
+        merged = rt.engine.stats().merged_adapter
+        if merged is not None:
+            info.merged_adapter.CopyFrom(_resolved_pb(rt.fetcher.known(merged) if rt.fetcher else None, merged))
+        return info
 
     # -- adapter caches ----------------------------------------------------------------------------------
     async def ListResidentAdapters(
@@ -167,6 +173,19 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
             raise NotFound(f"{request.adapter} is not resident in this engine", reason="ADAPTER_NOT_RESIDENT")
         return pb.EvictAdapterResponse(digests=[resolved.digest])
 
+    async def MergeAdapter(self, request: pb.MergeAdapterRequest, context: Context) -> pb.MergeAdapterResponse:
+        require_admin()
+        resolved = await merge_reference(self._rt(), request.adapter, token_var.get())
+        return pb.MergeAdapterResponse(adapter=_resolved_pb(resolved, resolved.digest))
+
+    async def UnmergeAdapter(self, request: pb.UnmergeAdapterRequest, context: Context) -> pb.UnmergeAdapterResponse:
+        require_admin()
+        rt = self._rt()
+        key = await rt.engine.unmerge_adapter()
+        if key is None:
+            return pb.UnmergeAdapterResponse()
+        return pb.UnmergeAdapterResponse(adapter=_resolved_pb(rt.fetcher.known(key) if rt.fetcher else None, key))
+
     async def PinAdapter(self, request: pb.PinAdapterRequest, context: Context) -> pb.PinAdapterResponse:
         require_admin()
         fetcher = self._fetcher()
@@ -177,6 +196,12 @@ class EngineServicer(pb_grpc.EngineServiceServicer):
                 await asyncio.shield(task)
         await self._rt().engine.pin_adapter(resolved.digest, request.pinned)
         return pb.PinAdapterResponse(adapter=_resident_pb(await self._fresh_view(resolved), resolved))
+
+
+def _resolved_pb(resolved: ResolvedAdapter | None, digest: str) -> pb.ResolvedAdapter:
+    if resolved is None:
+        return pb.ResolvedAdapter(digest=digest)
+    return pb.ResolvedAdapter(ref=resolved.ref, adapter=resolved.adapter, version=resolved.version, digest=digest)
 
 
 def _resident_pb(view: ResidentView, resolved: ResolvedAdapter | None = None) -> pb.ResidentAdapter:
@@ -195,6 +220,20 @@ def _resident_pb(view: ResidentView, resolved: ResolvedAdapter | None = None) ->
         active_requests=view.users,
         rank=resolved.rank if resolved else view.info.rank,
     )
+
+
+async def merge_reference(rt: EngineRuntime, ref: str, token: str) -> ResolvedAdapter:
+    """Resolve ``ref`` with ``token``, make it host-resident, fold it into the base weights."""
+    if rt.fetcher is None:
+        raise FailedPrecondition("this engine has no registry configured (--registry)", reason="NO_REGISTRY")
+    if not ref:
+        raise InvalidArgument("adapter is required", metadata={"field": "adapter"})
+    resolved = await rt.fetcher.resolve(ref, token)
+    task = rt.fetcher.ensure(resolved, token)
+    if task is not None:
+        await asyncio.shield(task)
+    await rt.engine.merge_adapter(resolved.digest)
+    return resolved
 
 
 def _decorate_first(

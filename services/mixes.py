@@ -108,7 +108,8 @@ class MixBuilder:
             adapters = await self._members(planned)
             mix = Mix(
                 members=tuple(
-                    MixMember(r.digest, r.base_model, a.modules) for r, a in zip(planned.members, adapters, strict=True)
+                    MixMember(r.digest, r.base_model, a.modules, dora=a.dora)
+                    for r, a in zip(planned.members, adapters, strict=True)
                 ),
                 weights=tuple(w for _, w in planned.request.members),
                 method=planned.request.method,

@@ -89,6 +89,7 @@ class EngineSettings:
         256, "distinct adapters per step (device pool slots; the pool's bytes usually bind first)"
     )
     max_lora_rank: int = opt(64, "largest adapter rank this engine serves")
+    max_dora_adapters: int = opt(8, "DoRA adapters the device pool holds at once (0: refuse DoRA adapters)")
     kv_cache_bytes: int | None = opt(None, "KV-cache budget in bytes (default: max_num_seqs x 2048 tokens)")
     block_size: int = opt(16, "tokens per KV block")
     gpu_adapter_bytes: int | None = opt(None, "device adapter pool budget (default: every slot at max rank)")

@@ -1,5 +1,14 @@
 """Generate the checked-in Python stubs from protos/ (``make protos``); ``--check`` fails when they are stale.
 
+``--baseline`` rewrites tools/protos_baseline.json, the image of the released contract that ``buf breaking``
+holds every later change to (``make protos-baseline``; see docs/api.md, "The contract"). Why a checked-in
+baseline and not only ``--against .git#branch=main``: CI tests a clone of main itself, where comparing main with
+main proves nothing; the baseline still catches a break that any commit since the last release made. Refresh it
+only when releasing: additive changes pass without a refresh, a refresh makes them part of the frozen contract.
+
+Only protos/loraplex is generated: protos/google/rpc is vendored for other languages' clients, and Python takes
+those types from googleapis-common-protos.
+
 Why the stubs live in ``registry/v1`` and ``engine/v1``: protoc names Python modules after the proto package,
 so ``loraplex.registry.v1`` stubs import as ``loraplex.registry.v1.registry_service_pb2`` — exactly where the
 namespace mapping installs ``registry/v1``. No import rewriting is needed.
@@ -9,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import shutil
+import subprocess
 import sys
 import tempfile
 from importlib import resources
@@ -22,6 +33,7 @@ TARGETS = {
     Path("loraplex/registry/v1"): ROOT / "registry" / "v1",
     Path("loraplex/engine/v1"): ROOT / "engine" / "v1",
 }
+BASELINE = ROOT / "tools" / "protos_baseline.json"
 INIT_TEXT = '"""Generated gRPC stubs (tools/gen_protos.py); do not edit."""\n'
 
 
@@ -29,7 +41,7 @@ def generate(out_dir: Path) -> None:
     from grpc_tools import protoc
 
     include = str(resources.files("grpc_tools") / "_proto")
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "loraplex").rglob("*.proto"))
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
@@ -59,10 +71,24 @@ def stale_files(generated: Path) -> list[str]:
     return problems
 
 
+def write_baseline(buf: str) -> None:
+    """The contract as built now, without comments (they may change freely), pretty-printed for reviewable diffs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        image = Path(tmp) / "image.json"
+        subprocess.run(
+            [buf, "build", "--exclude-source-info", "--path", "protos/loraplex", "-o", str(image)], cwd=ROOT, check=True
+        )
+        BASELINE.write_text(json.dumps(json.loads(image.read_text()), indent=1) + "\n")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="exit 1 when the checked-in stubs are stale")
+    parser.add_argument("--baseline", action="store_true", help="rewrite the breaking-change baseline (on release)")
     args = parser.parse_args()
+    if args.baseline:
+        write_baseline(str(Path(sys.executable).parent / "buf"))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         generated = Path(tmp)
         generate(generated)

@@ -12,6 +12,7 @@ weight to fold into or to take a norm of, and is refused with ``FailedPreconditi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -105,3 +106,51 @@ def locate(model: CausalLM, key: ModuleKey) -> WeightSlice:
         bias = None if linear.bias is None else linear.bias[offset:end]
         return WeightSlice(f"{name}[{module}]", linear.weight_t, True, offset, end - offset, bias)
     raise FailedPrecondition(f"module {module!r} is not a projection of this model")
+
+
+def _output_width(model: CausalLM, module: str) -> int:
+    args = model.args
+    widths = {
+        "q_proj": args.num_heads * args.head_dim,
+        "k_proj": args.num_kv_heads * args.head_dim,
+        "v_proj": args.num_kv_heads * args.head_dim,
+        "o_proj": args.hidden_size,
+        "gate_proj": args.intermediate_size,
+        "up_proj": args.intermediate_size,
+        "down_proj": args.hidden_size,
+    }
+    return widths[module]
+
+
+def projection(model: CausalLM, layer: int, module: str) -> tuple[nn.Module, int, int]:
+    """(the fused projection block under any LoRA wrapper, offset, width) of PEFT module (layer, module).
+
+    Unlike ``locate`` this accepts any block answering ``dequantized_weight()`` (plain or quantized): what DoRA's
+    per-column norm needs is the weight as computed, not a tensor to write into.
+    """
+    block = model.layers[layer]
+    parent = block.self_attn if module in ATTENTION_MODULES else block.mlp
+    for attr, parts in fused_slices(model.args).items():
+        offsets = dict(parts)
+        if module not in offsets:
+            continue
+        fused: nn.Module = getattr(parent, attr)
+        for _ in range(_MAX_WRAPPERS):
+            if hasattr(fused, "dequantized_weight"):
+                return fused, offsets[module], _output_width(model, module)
+            inner = getattr(fused, "base", None)
+            if not isinstance(inner, nn.Module):
+                break
+            fused = inner
+        raise FailedPrecondition(f"layers.{layer}.{attr} has no readable weight", reason="BASE_NOT_DENSE")
+    raise FailedPrecondition(f"module {module!r} is not a projection of this model")
+
+
+def dense_weight(model: CausalLM, key: ModuleKey) -> torch.Tensor:
+    """[h_out, h_in] weight of decoder module ``key`` as the forward pass uses it (dequantized when quantized)."""
+    layer, module = key
+    if layer is None:
+        raise FailedPrecondition(f"{module} has no decoder-layer weight")
+    fused, offset, width = projection(model, layer, module)
+    read: Callable[[], torch.Tensor] = fused.dequantized_weight  # type: ignore[assignment]
+    return read()[offset : offset + width]

@@ -36,8 +36,18 @@ class HostAdapter:
     rank: int  # the largest module rank
 
     @property
+    def dora(self) -> bool:
+        """Whether this is a DoRA adapter (every module then carries its magnitude)."""
+        return any(m.magnitude is not None for m in self.modules.values())
+
+    @property
     def nbytes(self) -> int:
-        return sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size() for m in self.modules.values())
+        total = 0
+        for m in self.modules.values():
+            total += m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size()
+            if m.magnitude is not None:
+                total += m.magnitude.numel() * m.magnitude.element_size()
+        return total
 
     @classmethod
     def from_bytes(cls, config_json: str, weights: bytes, spec: ModelSpec, max_rank: int) -> HostAdapter:
@@ -46,21 +56,27 @@ class HostAdapter:
         # The registry's upload rules, again: adapters stored before a rule existed must not reach the pool either
         # (a NaN weight would poison every token of the adapter; a bad layout the loader would refuse anyway).
         header = check_weights_bytes(weights).tensors
-        validate_adapter(config, header, spec, max_rank)
+        validate_adapter(config, header, spec, max_rank, allow_dora=True)
         tensors = load_safetensors(weights)
         pairs: dict[ModuleKey, dict[str, torch.Tensor]] = {}
         for name, tensor in tensors.items():
             key = parse_lora_key(name)
             if key.part == "base_layer":
                 continue  # see the module docstring
-            part = "a" if key.part in ("A", "embedding_A") else "b"
+            part = {"A": "a", "embedding_A": "a", "magnitude": "m"}.get(key.part, "b")
             pairs.setdefault((key.layer, key.module), {})[part] = tensor
         modules: dict[ModuleKey, ModuleLoRA] = {}
         for (layer, module), pair in pairs.items():
-            if set(pair) != {"a", "b"}:
+            if not {"a", "b"} <= set(pair):
                 raise InvalidAdapter(f"{module} (layer {layer}) needs both LoRA A and B tensors")
+            magnitude = pair.get("m")
+            if config.use_dora != (magnitude is not None):
+                raise InvalidAdapter(f"{module} (layer {layer}): a magnitude vector belongs to DoRA adapters only")
             modules[(layer, module)] = ModuleLoRA(
-                a=pair["a"].contiguous(), b=pair["b"].contiguous(), scale=config.scale_for(module, layer)
+                a=pair["a"].contiguous(),
+                b=pair["b"].contiguous(),
+                scale=config.scale_for(module, layer),
+                magnitude=None if magnitude is None else magnitude.float().contiguous(),
             )
         return cls(modules=modules, rank=max(m.rank for m in modules.values()))
 

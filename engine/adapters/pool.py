@@ -22,6 +22,7 @@ from typing import Protocol
 
 import torch
 
+from loraplex.engine.adapters.dora_store import DoraStore
 from loraplex.engine.adapters.types import ModuleKey, ModuleLoRA
 from loraplex.kernels.types import LoRAModuleWeights
 from loraplex.registry.errors import AdapterIncompatible, ResourceExhausted
@@ -93,6 +94,7 @@ class AdapterPool:
         device: torch.device,
         dtype: torch.dtype,
         embeddings: bool = True,
+        dora_capacity: int = 0,
     ) -> None:
         if rows < max_rank:
             raise ResourceExhausted(f"adapter pool of {rows} rows cannot hold one adapter of rank {max_rank}")
@@ -111,11 +113,15 @@ class AdapterPool:
                 scales=torch.zeros(num_slots, dtype=torch.float32, device=device),
             )
             self._alloc[key] = _RowAllocator(list(range(rows)))
+        widths = {key: int(w.b_rows.shape[1]) for key, w in self.weights.items()}
+        self.dora = DoraStore(widths, num_slots, dora_capacity, device)
         self._residents: dict[str, _Resident] = {}
         self._free_slots = list(range(num_slots))
         self._clock = 0
         # Whether a waiting request wants this resident (set by the owner; used to order evictions).
         self.wanted: Callable[[str], bool] = lambda key: False
+        # The slot of the merged adapter's negated delta while an adapter is folded into the base (set by the core).
+        self.merged_slot: int | None = None
 
     # ---- queries -------------------------------------------------------------------------------------------
     def slot_of(self, key: str) -> int | None:
@@ -134,6 +140,7 @@ class AdapterPool:
 
     def check_compatible(self, adapter: PoolAdapter) -> None:
         """Raise ``AdapterIncompatible`` if the adapter targets a module this pool has no buffer for."""
+        self.dora.check(adapter.modules.items())
         for mk, lora in adapter.modules.items():
             if mk not in self.weights:
                 raise AdapterIncompatible(f"adapter targets {mk[1]} (layer {mk[0]}), which this pool does not hold")
@@ -149,6 +156,8 @@ class AdapterPool:
         need = {mk: lora.rank for mk, lora in adapter.modules.items()}
         free = {mk: len(self._alloc[mk].free) for mk in need}
         slots = len(self._free_slots)
+        dora_need = int(any(lora.magnitude is not None for lora in adapter.modules.values()))
+        dora_free = self.dora.free_rows
         victims: list[_Resident] = []
         idle = [r for r in self._residents.values() if r.refcount == 0] if evict else []
         candidates = sorted(idle, key=lambda r: (self.wanted(r.key), r.last_used))
@@ -156,10 +165,11 @@ class AdapterPool:
             if candidate is not None:
                 victims.append(candidate)
                 slots += 1
+                dora_free += int(self.dora.row_of_slot[candidate.slot] >= 0)
                 for mk, rows in candidate.rows.items():
                     if mk in free:
                         free[mk] += len(rows)
-            if slots > 0 and all(free[mk] >= n for mk, n in need.items()):
+            if slots > 0 and dora_free >= dora_need and all(free[mk] >= n for mk, n in need.items()):
                 return victims
         return None
 
@@ -211,28 +221,17 @@ class AdapterPool:
             return
         if resident.refcount:
             raise ValueError(f"cannot evict {key}: {resident.refcount} sequences use it")
-        s = resident.slot
-        for mk, w in self.weights.items():
-            rows = resident.rows.get(mk)
-            if rows:
-                index = torch.tensor(rows, dtype=torch.long, device=self.device)
-                w.a_rows.index_fill_(0, index, 0)
-                w.b_rows.index_fill_(0, index, 0)
-                self._alloc[mk].give(rows)
-            w.ranks[s] = 0
-            w.scales[s] = 0.0
-            w.row_table[s].zero_()
         del self._residents[key]
-        self._free_slots.append(s)
-        self._free_slots.sort()
+        self._clear(resident.slot, resident.rows)
 
     def _load(self, key: str, adapter: PoolAdapter) -> _Resident:
         slot = self._free_slots.pop(0)
         taken: dict[ModuleKey, list[int]] = {}
         try:
             nbytes = self._write_slot(slot, adapter, taken)
+            self.dora.load(slot, adapter.modules.items())
         except Exception as exc:
-            self._rollback(slot, taken)
+            self._clear(slot, taken)
             raise AdapterIncompatible(
                 f"adapter {key} cannot be loaded into the device pool: {exc}", reason="ADAPTER_LOAD_FAILED"
             ) from exc
@@ -265,8 +264,11 @@ class AdapterPool:
             nbytes += r * (w.a_rows.shape[1] + w.b_rows.shape[1]) * w.a_rows.element_size()
         return nbytes
 
-    def _rollback(self, slot: int, taken: dict[ModuleKey, list[int]]) -> None:
-        """Undo a partial load: zero and return every row taken, reset the slot everywhere, free the slot."""
+    def _clear(self, slot: int, taken: Mapping[ModuleKey, list[int]]) -> None:
+        """Zero and return every row in ``taken``, reset the slot everywhere (DoRA row too), free the slot.
+
+        The one way a slot is given back: an eviction and the rollback of a failed load both end here.
+        """
         for mk, w in self.weights.items():
             rows = taken.get(mk)
             if rows:
@@ -277,5 +279,6 @@ class AdapterPool:
             w.ranks[slot] = 0
             w.scales[slot] = 0.0
             w.row_table[slot].zero_()
+        self.dora.release(slot)
         self._free_slots.append(slot)
         self._free_slots.sort()

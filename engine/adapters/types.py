@@ -16,11 +16,13 @@ class ModuleLoRA:
 
     a: [r, h_in]  (for embed_tokens: [r, vocab], PEFT's ``lora_embedding_A``)
     b: [h_out, r] (for embed_tokens: [hidden, r], PEFT's ``lora_embedding_B``)
+    magnitude: [h_out] for a DoRA module (PEFT's ``lora_magnitude_vector``), else None
     """
 
     a: torch.Tensor
     b: torch.Tensor
     scale: float
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:

@@ -16,6 +16,7 @@ from loraplex.engine.model.args import ModelArgs, read_model_args
 from loraplex.engine.model.errors import ModelLoadError
 from loraplex.engine.model.llama import CausalLM
 from loraplex.engine.model.loader import load_weights, resolve_dtype
+from loraplex.engine.model.readable import check_model_folder_readable
 from loraplex.engine.model.rope import RotaryTable
 from loraplex.registry.errors import InvalidArgument
 from loraplex.registry.spec import ModelSpec
@@ -64,6 +65,7 @@ def _eos_ids(model_dir: Path, args: ModelArgs) -> tuple[int, ...]:
 def load_model(
     model_dir: Path, dtype_name: str, device: torch.device, max_model_len: int | None, quantization: str = "none"
 ) -> LoadedModel:
+    check_model_folder_readable(model_dir)
     args = read_model_args(model_dir)
     try:
         spec = ModelSpec.from_config(json.loads((model_dir / "config.json").read_text()))

@@ -43,6 +43,9 @@ function main() {
   const client = new EngineService(opts.engine, grpc.credentials.createInsecure());
   const metadata = new grpc.Metadata();
   if (opts.token) metadata.set("authorization", `Bearer ${opts.token}`);
+  // Routing: a proxy in front of several engines (deploy/haproxy) keeps each adapter on one engine by this
+  // header, since it cannot read the adapter out of the protobuf body. Harmless when calling an engine directly.
+  if (opts.adapter) metadata.set("x-loraplex-adapter", opts.adapter);
   const request = {
     adapter: opts.adapter,
     text: opts.prompt || "Hello",

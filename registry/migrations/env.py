@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import text
 
 from loraplex.registry.db import Base, create_db_engine
+
+MIGRATION_LOCK_KEY = 0x6C6F7261706C6578  # "loraplex": the advisory lock serialising concurrent migrations
 
 
 def run_migrations_online() -> None:
@@ -21,6 +24,10 @@ def run_migrations_online() -> None:
                 compare_type=True,
             )
             with context.begin_transaction():
+                if connection.dialect.name == "postgresql":
+                    # Registry replicas starting together all migrate: one at a time, the rest then find the
+                    # schema current. The lock is the transaction's, released at commit or rollback.
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
                 context.run_migrations()
     finally:
         engine.dispose()

@@ -477,3 +477,19 @@ def test_dev_jobs_register_the_engines_model_with_tokens_that_authenticate() -> 
     assert engine.registry_token and engine.registry_token != FROM_SECRET
     assert registry_tokens.authenticate(f"Bearer {engine.registry_token}").can("any-namespace", "read")
     assert secret_ref(engine_c, "LORAPLEX_REGISTRY_TOKEN")[0] == auth
+
+
+@pytest.mark.parametrize("variant", ALL_RENDERINGS, ids=variant_ids(ALL_RENDERINGS))
+def test_third_party_images_are_pinned_like_compose(variant: Variant) -> None:
+    """Every image loraplex does not build is pinned by digest, to the same reference compose.yaml uses."""
+    compose = (ROOT / "compose.yaml").read_text()
+    for workload in workloads(render(variant)):
+        for spec in containers(workload):
+            image = str(spec["image"])
+            if image.split("/")[-1].startswith("loraplex-"):
+                continue
+            if "llm-d" in image or "gateway-api-inference-extension" in image:
+                assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image
+                continue
+            assert "@sha256:" in image, f"{workload['metadata']['name']}: {image} is not pinned by digest"
+            assert image in compose, f"{image} differs from the pin in compose.yaml"

@@ -25,7 +25,7 @@ API = DOCS / "api.md"
 SOURCE_DIRS = ("registry", "services", "engine", "kernels")
 SETTINGS = {cls.__name__: cls for cls in (RegistrySettings, EngineSettings, ClientSettings)}
 # Variables read outside the settings classes, each with the file that reads it.
-OTHER_ENV = {"LORAPLEX_ENGINE": "services/cli_engine.py", "LORAPLEX_LORA_BACKEND": "kernels/lora.py"}
+OTHER_ENV = {"LORAPLEX_ENGINE": "services/cli_engine.py"}
 
 
 def source_files() -> list[Path]:

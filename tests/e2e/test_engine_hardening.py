@@ -28,6 +28,7 @@ from tests.e2e.stack import (
     start_stack,
     stream_request,
 )
+from tests.e2e.test_engine_auth_and_deadlines import TOKENS
 from tests.fixtures.hf import read_adapter
 from tests.fixtures.procs import ServerProcess, start_server
 from tests.services.rpc_helpers import expect_failure, failure_of
@@ -128,12 +129,6 @@ def test_engine_finds_its_registered_base_model(
         registry.stop()
 
 
-TOKENS = {
-    "tokens": [
-        {"name": "admin", "token": "admin-t", "namespaces": ["*"], "scopes": ["admin"]},
-        {"name": "acme", "token": "acme-t", "namespaces": ["acme"], "scopes": ["read"]},
-    ]
-}
 
 
 def test_resident_listing_shows_only_what_the_caller_may_read(

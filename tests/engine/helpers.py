@@ -100,3 +100,48 @@ def peft_model(model_dir: Path, adapters: Mapping[str, Path]) -> Any:
 def until_eos(ids: list[int], eos: int) -> list[int]:
     """HF pads finished rows; keep tokens up to and including the first EOS."""
     return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+def assert_mixed_batch_matches(
+    core: EngineCore,
+    oracle: Any,
+    batch: list[list[int]],
+    names: list[str],
+    new_tokens: int,
+    eos: int = 1,
+    min_compared: int = 2,
+) -> None:
+    """One engine batch of ``names`` (``BASE`` = no adapter) against PEFT's mixed-batch ``generate``.
+
+    Greedy tokens equal row by row; fp32 logits within 1e-4 at the prefill (step 0) and at every decode step k
+    (PEFT's ``out.logits[k]``) while the row is running; at least ``min_compared`` decode rows per batch row.
+    """
+    input_ids = torch.tensor(batch)
+    prompt_len = input_ids.shape[1]
+    with torch.no_grad():
+        prefill = oracle(input_ids, adapter_names=names).logits[:, -1].float()
+        out = oracle.generate(
+            input_ids,
+            adapter_names=names,
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    want = [until_eos(row[prompt_len:].tolist(), eos) for row in out.sequences]
+    reqs = [
+        request(f"r{i}", p, n, max_new_tokens=new_tokens) for i, (p, n) in enumerate(zip(batch, names, strict=True))
+    ]
+    deltas, logits = drive(core, reqs, record_logits=True)
+    for i, name in enumerate(names):
+        assert tokens(deltas[f"r{i}"]) == want[i], f"row {i} adapter {name}"
+        torch.testing.assert_close(logits[0][f"r{i}"], prefill[i], atol=1e-4, rtol=0)
+    compared = 0
+    for k in range(1, new_tokens):
+        for i in range(len(names)):
+            row = logits[k].get(f"r{i}") if k < len(logits) else None
+            if row is None:
+                continue  # finished (EOS) before this step
+            torch.testing.assert_close(row, out.logits[k][i].float(), atol=1e-4, rtol=0)
+            compared += 1
+    assert compared >= len(names) * min_compared

@@ -35,7 +35,7 @@ async def engine(tiny_models: dict[str, Path]) -> AsyncIterator[LLMEngine]:
 async def _settle(engine: LLMEngine) -> None:
     for _ in range(200):
         stats = engine.stats()
-        if stats.num_running == stats.num_waiting == 0:
+        if stats.num_running == stats.num_waiting == 0 and engine.num_in_flight() == 0:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("engine did not go idle")

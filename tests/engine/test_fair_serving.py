@@ -59,11 +59,14 @@ async def test_higher_priority_is_admitted_first(tiny_models: dict[str, Path]) -
     await engine.start()
     try:
         t0 = time.perf_counter()
-        busy = [asyncio.create_task(_timed(engine, _request(f"busy{i}", "t", 30), t0)) for i in range(2)]
-        await asyncio.sleep(0.2)  # both places taken; the next two queue
+        busy = [asyncio.create_task(_timed(engine, _request(f"busy{i}", "t", 200), t0)) for i in range(2)]
+        while engine.stats().num_running < 2:  # both batch places taken before the next two arrive
+            await asyncio.sleep(0.01)
         low = asyncio.create_task(_timed(engine, _request("low", "t", 5, priority=0), t0))
         await asyncio.sleep(0.05)
         high = asyncio.create_task(_timed(engine, _request("high", "t", 5, priority=10), t0))
+        while engine.stats().num_waiting < 2:
+            await asyncio.sleep(0.01)
         (low_first, _), (high_first, _) = await asyncio.gather(low, high)
         await asyncio.gather(*busy)
     finally:

@@ -1,11 +1,12 @@
-"""The torch path of ``kernels.lora.apply_lora`` equals the reference shrink+expand, fragmented pools included."""
+"""The torch backend (``TorchLoRABackend``) equals the reference shrink+expand, fragmented pools included."""
 
 from __future__ import annotations
 
 import torch
 
 from loraplex.kernels import reference
-from loraplex.kernels.lora import apply_lora
+from loraplex.kernels.lora import make_backend
+from loraplex.kernels.lora_step import LoRACapacity
 from loraplex.kernels.types import LoRABatch, LoRAModuleWeights, LoRASlice
 
 
@@ -40,7 +41,8 @@ def test_fast_path_matches_reference() -> None:
     base = torch.randn(len(token_slots), 18, generator=g)
 
     got = base.clone()
-    apply_lora(x, got, batch, slices)
+    backend = make_backend("torch", LoRACapacity(16, 16, 4), torch.device("cpu"))
+    backend.apply(x, got, slices, batch)
     want = base.clone()
     for s in slices:
         y = torch.zeros(x.shape[0], s.weights.max_rank)

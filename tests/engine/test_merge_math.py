@@ -98,7 +98,7 @@ def test_merged_engine_equals_peft_merge_and_unload(arch: str, tiny_models: dict
     _assert_engine_matches(core, BASE, batch, merged_hf)
 
     # 2. The negated delta, run as an adapter, gives the unmerged base back ...
-    core.host.add("undo", HostAdapter(modules=merged.negated, rank=hot.rank))
+    core.residency.add("undo", HostAdapter(modules=merged.negated, rank=hot.rank))
     base_hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     _assert_engine_matches(core, "undo", batch, base_hf)
     # ... and CAT-mixed with another adapter, that adapter as PEFT runs it on the unmerged base.
@@ -109,7 +109,7 @@ def test_merged_engine_equals_peft_merge_and_unload(arch: str, tiny_models: dict
         MixMethod.CAT,
     )
     mixed = mix_modules(undo_other)
-    core.host.add("undo+other", HostAdapter(modules=mixed, rank=max(m.rank for m in mixed.values())))
+    core.residency.add("undo+other", HostAdapter(modules=mixed, rank=max(m.rank for m in mixed.values())))
     _assert_engine_matches(core, "undo+other", batch, peft_model(model_dir, {"other": other_dir}))
 
     # 3. Unmerge restores every parameter bit for bit.

@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.engine.helpers import BASE, drive, make_core, peft_model, prompts, request, tokens, until_eos
+from tests.engine.helpers import BASE, assert_mixed_batch_matches, make_core, peft_model, prompts
 from tests.fixtures.hf import ARCHITECTURES
 
 NEW_TOKENS = 8
@@ -27,40 +26,8 @@ def test_mixed_batch_matches_peft(
     names = [*adapters, BASE, BASE]  # all 8 adapters and two base-model rows in ONE batch
     batch = prompts(len(names), PROMPT_LEN, seed=11)
 
-    oracle = peft_model(tiny_models[arch], adapters)
-    input_ids = torch.tensor(batch)
-    with torch.no_grad():
-        prefill = oracle(input_ids, adapter_names=names).logits[:, -1].float()
-        out = oracle.generate(
-            input_ids,
-            adapter_names=names,
-            do_sample=False,
-            max_new_tokens=NEW_TOKENS,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    want = [until_eos(row[PROMPT_LEN:].tolist(), EOS) for row in out.sequences]
-
     core = make_core(tiny_models[arch], adapters)
-    reqs = [
-        request(f"r{i}", p, n, max_new_tokens=NEW_TOKENS) for i, (p, n) in enumerate(zip(batch, names, strict=True))
-    ]
-    deltas, logits = drive(core, reqs, record_logits=True)
-
-    for i, name in enumerate(names):
-        assert tokens(deltas[f"r{i}"]) == want[i], f"{arch} row {i} adapter {name}"
-    # Step 0 is the whole batch's prefill; step k > 0 is decode step k (HF's out.logits[k]).
-    for i in range(len(names)):
-        torch.testing.assert_close(logits[0][f"r{i}"], prefill[i], atol=1e-4, rtol=0)
-    compared = 0
-    for k in range(1, NEW_TOKENS):
-        for i in range(len(names)):
-            row = logits[k].get(f"r{i}") if k < len(logits) else None
-            if row is None:
-                continue  # finished (EOS) before this step
-            torch.testing.assert_close(row, out.logits[k][i].float(), atol=1e-4, rtol=0)
-            compared += 1
-    assert compared >= len(names) * 3
+    assert_mixed_batch_matches(core, peft_model(tiny_models[arch], adapters), batch, names, NEW_TOKENS, EOS, 3)
     stats = core.stats()
     assert stats.kv_blocks_free == stats.kv_blocks_total
     assert all(r.refcount == 0 for r in stats.resident_adapters)

@@ -27,7 +27,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loraplex.engine.adapters.host import HostAdapter
-from loraplex.engine.adapters.host_cache import HostTier
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.core import EngineCore
 from loraplex.engine.model.build import LoadedModel, load_model
@@ -36,7 +35,7 @@ from loraplex.engine.model.quant_int8 import dequantize_int8, quantize_int8
 from loraplex.engine.model.quant_linear import NF4Part, QuantizedLinear
 from loraplex.engine.model.quant_nf4 import block_scales, dynamic_map, nf4_code, quantize_nf4
 from loraplex.registry.errors import InvalidArgument
-from tests.engine.helpers import BASE, drive, prompts, request, tokens, until_eos
+from tests.engine.helpers import BASE, assert_mixed_batch_matches, drive, prompts, request, tokens, until_eos
 
 NEW_TOKENS = 6
 PROMPT_LEN = 7
@@ -99,9 +98,9 @@ def quant_core(model_dir: Path, adapters: Mapping[str, Path], quantization: str)
         quantization=quantization,
     )
     loaded = load_model(model_dir, "float32", torch.device("cpu"), None, quantization)
-    core = EngineCore(config, loaded, HostTier())
+    core = EngineCore(config, loaded)
     for name, path in adapters.items():
-        core.host.add(name, HostAdapter.from_peft_dir(path, core.loaded.spec, 64))
+        core.residency.add(name, HostAdapter.from_peft_dir(path, core.loaded.spec, 64))
     return core
 
 
@@ -109,33 +108,7 @@ def compare_mixed_batch(model_dir: Path, adapters: Mapping[str, Path], method: s
     """Greedy tokens equal and fp32 logits within 1e-4 of PEFT on bitsandbytes, for every row and step."""
     names = [*adapters, BASE, BASE]
     batch = prompts(len(names), PROMPT_LEN, seed=5)
-    model = oracle(model_dir, adapters, method)
-    input_ids = torch.tensor(batch)
-    with torch.no_grad():
-        prefill = model(input_ids, adapter_names=names).logits[:, -1].float()
-        out = model.generate(
-            input_ids,
-            adapter_names=names,
-            do_sample=False,
-            max_new_tokens=NEW_TOKENS,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    want = [until_eos(row[PROMPT_LEN:].tolist(), EOS) for row in out.sequences]
-    rows = enumerate(zip(batch, names, strict=True))
-    reqs = [request(f"r{i}", p, n, max_new_tokens=NEW_TOKENS) for i, (p, n) in rows]
-    deltas, logits = drive(core, reqs, record_logits=True)
-    for i, name in enumerate(names):
-        assert tokens(deltas[f"r{i}"]) == want[i], f"row {i} adapter {name}"
-        torch.testing.assert_close(logits[0][f"r{i}"], prefill[i], atol=1e-4, rtol=0)
-    compared = 0
-    for k in range(1, NEW_TOKENS):
-        for i in range(len(names)):
-            row = logits[k].get(f"r{i}") if k < len(logits) else None
-            if row is not None:
-                torch.testing.assert_close(row, out.logits[k][i].float(), atol=1e-4, rtol=0)
-                compared += 1
-    assert compared >= len(names) * 2
+    assert_mixed_batch_matches(core, oracle(model_dir, adapters, method), batch, names, NEW_TOKENS, EOS)
 
 
 @pytest.mark.parametrize("arch", ORACLE_ARCHS)
@@ -241,7 +214,7 @@ def test_saved_checkpoint_loads_without_a_flag_and_equals_quantize_at_load(
     outputs = []
     for loaded in (from_saved, at_load):
         config_ = EngineConfig(model_dir=saved, dtype="float32", block_size=4, kv_cache_blocks=64)
-        core = EngineCore(config_, loaded, HostTier())
+        core = EngineCore(config_, loaded)
         req = request("r", prompt, None, max_new_tokens=4, ignore_eos=True)
         deltas, logits = drive(core, [req], record_logits=True)
         outputs.append((tokens(deltas["r"]), torch.stack([step["r"] for step in logits])))
@@ -357,6 +330,50 @@ def test_checkpoint_with_a_skipped_module_fuses_dense_and_packed_parts(
     prompt = prompts(1, 8, seed=4)[0]
     with torch.no_grad():
         want = hf.eval()(torch.tensor([prompt])).logits[0, -1]
-    core = EngineCore(EngineConfig(model_dir=tmp_path / "m", dtype="float32", block_size=4), loaded, HostTier())
+    core = EngineCore(EngineConfig(model_dir=tmp_path / "m", dtype="float32", block_size=4), loaded)
     _, logits = drive(core, [request("r", prompt, None, max_new_tokens=1)], record_logits=True)
     torch.testing.assert_close(logits[0]["r"], want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ORACLE_ARCHS)
+def test_nf4_dora_with_lora_and_base_rows_matches_peft(
+    arch: str, tiny_models: dict[str, Path], tiny_adapters: dict[str, dict[str, Path]], tmp_path: Path
+) -> None:
+    """A DoRA adapter on the NF4 base: its factor comes from the dequantized weight, as PEFT's does on bitsandbytes.
+
+    PEFT runs DoRA only one adapter at a time (no ``adapter_names``), so the oracle generates row by row; the engine
+    runs the DoRA rows, a LoRA row and base rows in one batch.
+    """
+    from loraplex.services.demo_assets import ALL_LINEAR, AdapterSpec
+    from tests.fixtures.peft_variants import build_dora_adapter
+
+    model_dir = tiny_models[arch]
+    spec = AdapterSpec(r=8, lora_alpha=16, target_modules=tuple(ALL_LINEAR), seed=3)
+    adapters = {"dora": build_dora_adapter(model_dir, tmp_path / "dora", spec, magnitude_seed=1)}
+    adapters["lora"] = tiny_adapters[arch]["qv-r4"]
+    names = ["dora", "lora", BASE, "dora"]
+    batch = prompts(len(names), PROMPT_LEN, seed=9)
+    model = oracle(model_dir, adapters, "nf4")
+    want: list[tuple[list[int], list[torch.Tensor]]] = []
+    for name, prompt in zip(names, batch, strict=True):
+        kwargs: dict[str, Any] = dict(do_sample=False, max_new_tokens=NEW_TOKENS, output_logits=True)
+        with torch.no_grad():
+            if name == BASE:
+                with model.disable_adapter():
+                    out = model.generate(torch.tensor([prompt]), return_dict_in_generate=True, **kwargs)
+            else:
+                model.set_adapter(name)
+                out = model.generate(torch.tensor([prompt]), return_dict_in_generate=True, **kwargs)
+        want.append((until_eos(out.sequences[0, PROMPT_LEN:].tolist(), EOS), [s[0].float() for s in out.logits]))
+    core = quant_core(model_dir, adapters, "nf4")
+    reqs = [
+        request(f"r{i}", p, n, max_new_tokens=NEW_TOKENS) for i, (n, p) in enumerate(zip(names, batch, strict=True))
+    ]
+    deltas, logits = drive(core, reqs, record_logits=True)
+    for i, name in enumerate(names):
+        assert tokens(deltas[f"r{i}"]) == want[i][0], f"row {i} ({name})"
+        for k, expected in enumerate(want[i][1]):
+            got = logits[k].get(f"r{i}") if k < len(logits) else None
+            if got is None:
+                break
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=0, msg=f"row {i} ({name}) step {k}")

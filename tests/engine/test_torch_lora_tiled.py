@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from loraplex.kernels import reference
-from loraplex.kernels.torch_lora import LoRAStepCache, SegmentPlan, apply_lora_torch
+from loraplex.kernels.torch_lora import ChunkCache, TilePlan, apply
 from loraplex.kernels.types import LoRABatch, LoRAModuleWeights, LoRASlice
 
 MAX_RANK = 64
@@ -28,6 +32,12 @@ def _weights(h_in: int, h_out: int, ranks: list[int], g: torch.Generator) -> LoR
         ranks=torch.tensor(ranks, dtype=torch.int32),
         scales=torch.rand(len(ranks), generator=g) + 0.5,
     )
+
+
+def apply_lora_torch(
+    x: torch.Tensor, out: torch.Tensor, batch: LoRABatch, slices: list[LoRASlice], cache: ChunkCache | None = None
+) -> None:
+    apply(x, out, slices, TilePlan.build(batch), cache or ChunkCache())
 
 
 def _reference(x: torch.Tensor, base: torch.Tensor, batch: LoRABatch, slices: list[LoRASlice]) -> torch.Tensor:
@@ -66,7 +76,7 @@ def test_matches_reference_on_random_batches(seed: int) -> None:
     base = torch.randn(len(token_slots), width, generator=g)
 
     got = base.clone()
-    apply_lora_torch(x, got, batch, slices, LoRAStepCache())
+    apply_lora_torch(x, got, batch, slices, ChunkCache())
     want = _reference(x, base, batch, slices)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for t, slot in enumerate(token_slots):
@@ -79,7 +89,7 @@ def test_long_segment_is_split_into_tiles_and_short_ones_padded() -> None:
     slices = _fused(16, [12], 4, g)
     token_slots = [0] * 100 + [1, 2, 3] + [-1]
     batch = LoRABatch.from_slots(token_slots)
-    plan = SegmentPlan.build(batch)
+    plan = TilePlan.build(batch)
     assert plan.width < 100 and plan.tile_slots.count(0) > 1  # one 100-token segment -> several tiles
     assert plan.valid is not None
     x = torch.randn(len(token_slots), 16, generator=g)
@@ -95,7 +105,7 @@ def test_cached_weights_follow_pool_writes() -> None:
     slices = _fused(16, [8, 8], 3, g)
     batch = LoRABatch.from_slots([0, 1, 2, 1, 0])
     x = torch.randn(5, 16, generator=g)
-    cache = LoRAStepCache()
+    cache = ChunkCache()
     first = torch.zeros(5, 16)
     apply_lora_torch(x, first, batch, slices, cache)
 
@@ -112,7 +122,7 @@ def test_cached_weights_follow_pool_writes() -> None:
 def test_one_cache_serves_every_layer_and_changing_batches() -> None:
     g = torch.Generator().manual_seed(3)
     layers = [_fused(16, [8, 4], 4, g) for _ in range(3)]
-    cache = LoRAStepCache()
+    cache = ChunkCache()
     for step_slots in ([0, 1, 2, 3], [0, 1, 2, 3], [3, 3, -1, 0], [2] * 9):
         batch = LoRABatch.from_slots(step_slots)
         x = torch.randn(len(step_slots), 16, generator=g)
@@ -185,5 +195,62 @@ def test_scatter_into_any_output_layout(layout: str) -> None:
         holder.copy_(base.t())
         got = holder.t()  # [9, width] with transposed strides
         assert not got.is_contiguous()
-    apply_lora_torch(x, got, batch, list(slices), LoRAStepCache())
+    apply_lora_torch(x, got, batch, list(slices), ChunkCache())
     torch.testing.assert_close(got, _reference(x, base, batch, list(slices)), atol=1e-5, rtol=1e-5)
+
+
+@st.composite
+def segmentations(draw: st.DrawFn) -> tuple[list[int], list[tuple[int, int, int]], int]:
+    """(token order, (slot, start, len) segments, token count): any grouping the kernels accept — several
+    segments per slot, slots out of order, empty segments, base-model tokens in no segment."""
+    num_tokens = draw(st.integers(1, 40))
+    order = draw(st.permutations(range(num_tokens)))
+    used = draw(st.integers(0, num_tokens))
+    cuts = sorted(draw(st.lists(st.integers(0, used), max_size=6)))
+    bounds = [0, *cuts, used]
+    segments = [(draw(st.integers(0, 5)), a, b - a) for a, b in itertools.pairwise(bounds)]
+    return list(order[:used]), segments, num_tokens
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(
+    seg=segmentations(),
+    ranks=st.lists(st.integers(1, 64), min_size=6, max_size=6),
+    untargeted=st.sets(st.integers(0, 5), max_size=2),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    width=st.sampled_from([None, 1, 3, 16]),
+    chunk=st.sampled_from([None, 4, 16, 64]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_segmentations_ranks_and_dtypes_match_reference(
+    seg: tuple[list[int], list[tuple[int, int, int]], int],
+    ranks: list[int],
+    untargeted: set[int],
+    dtype: torch.dtype,
+    width: int | None,
+    chunk: int | None,
+    seed: int,
+) -> None:
+    order, segments, num_tokens = seg
+    g = torch.Generator().manual_seed(seed)
+    module_ranks = [0 if s in untargeted else r for s, r in enumerate(ranks)]
+    slices = [
+        LoRASlice(_cast(_weights(24, 16, module_ranks, g), dtype), 0),
+        LoRASlice(_cast(_weights(24, 8, module_ranks[::-1], g), dtype), 16),
+    ]
+    batch = LoRABatch.from_segments(order, segments)
+    x = torch.randn(num_tokens, 24, generator=g).to(dtype)
+    base = torch.randn(num_tokens, 24, generator=g).to(dtype)
+    got = base.clone()
+    apply(x, got, slices, TilePlan.build(batch, width), ChunkCache(chunk))
+    want = _reference(x, base, batch, slices)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    touched = set(order)
+    for t in range(num_tokens):
+        if t not in touched:
+            assert torch.equal(got[t], base[t])  # base-only tokens are bit-identical
+
+
+def _cast(w: LoRAModuleWeights, dtype: torch.dtype) -> LoRAModuleWeights:
+    return LoRAModuleWeights(w.a_rows.to(dtype), w.b_rows.to(dtype), w.row_table, w.ranks, w.scales)

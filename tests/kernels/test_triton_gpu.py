@@ -123,3 +123,25 @@ def test_paged_decode_llama3_8b_heads(dtype: torch.dtype, partition: int | None)
     expected = reference.paged_attention_decode_ref(q, k, v, tables, context, 128**-0.5)
     atol = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(out.float(), expected.float(), atol=atol, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window", [None, 4096, 100])
+def test_paged_prefill_llama3_8b_heads(dtype: torch.dtype, window: int | None) -> None:
+    """A mixed step (long prompt chunk, whole prompts, decodes) at Llama-3-8B heads vs the reference."""
+    from loraplex.kernels.reference import paged_attention_prefill_ref
+    from loraplex.kernels.triton_prefill_attention import paged_attention_prefill
+
+    gen = torch.Generator().manual_seed(3)
+    lens = [700, 1, 130, 513, 64, 2000]
+    news = [300, 1, 130, 1, 17, 1]
+    k, v, tables, context = make_paged_kv(
+        gen, lens, n_kv=8, head_dim=128, block_size=16, extra_blocks=2, dtype=dtype, device=DEVICE
+    )
+    starts = torch.tensor([sum(news[:b]) for b in range(len(news))], dtype=torch.int32, device=DEVICE)
+    q_len = torch.tensor(news, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(sum(news), 32, 128, generator=gen).to(dtype).to(DEVICE)
+    out = paged_attention_prefill(q, k, v, tables, starts, q_len, context, 128**-0.5, window)
+    expected = paged_attention_prefill_ref(q, k, v, tables, starts, q_len, context, 128**-0.5, window)
+    atol = {torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out.float(), expected.float(), atol=atol, rtol=1e-2)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from loraplex.kernels import lora as lora_api
 from loraplex.kernels import reference
 from loraplex.kernels import triton_lora as tlora
+from loraplex.kernels.lora_step import LoRACapacity
 from loraplex.kernels.triton_lora_meta import SlicePlan, meta_table
 from loraplex.kernels.types import LoRABatch, LoRAModuleWeights, LoRASlice
 from tests.kernels.builders import DEVICE, TOLERANCES, make_batch, make_module
@@ -173,7 +174,7 @@ def test_expand_reads_only_each_tokens_rank_columns(case: LoraCase, cfg: triton.
     assert not out.isnan().any()
 
 
-def test_dispatch_through_the_public_interface_uses_the_triton_backend() -> None:
+def test_backend_objects_agree_and_auto_picks_by_device() -> None:
     gen = torch.Generator().manual_seed(3)
     token_slots = [1, -1, 0, 1, 1, 2, -1, 0]
     batch = make_batch(token_slots, grouped=True)
@@ -182,17 +183,18 @@ def test_dispatch_through_the_public_interface_uses_the_triton_backend() -> None
     x = torch.randn(len(token_slots), 32, generator=gen).to(DEVICE)
     before = torch.randn(len(token_slots), 32, generator=gen).to(DEVICE)
     slices = [LoRASlice(q, 0), LoRASlice(v, 24)]
-    previous = lora_api.get_backend()
-    try:
-        lora_api.set_backend("torch")
-        expected = before.clone()
-        lora_api.apply_lora(x, expected, batch, slices)
-        lora_api.set_backend("triton")
-        out = before.clone()
-        lora_api.apply_lora(x, out, batch, slices)
-    finally:
-        lora_api.set_backend(previous)
+    capacity = LoRACapacity(max_tokens=16, max_logits=16, num_slots=3)
+    on_torch = lora_api.make_backend("torch", capacity, DEVICE)
+    on_triton = lora_api.make_backend("triton", capacity, DEVICE)
+    assert isinstance(on_torch, lora_api.TorchLoRABackend) and isinstance(on_triton, lora_api.TritonLoRABackend)
+    expected, out = before.clone(), before.clone()
+    on_torch.apply(x, expected, slices, batch)
+    on_triton.apply(x, out, slices, batch)
     _assert_close(out, expected, torch.float32)
+    auto = lora_api.make_backend("auto", capacity, DEVICE)
+    assert auto.name == ("triton" if DEVICE.type == "cuda" else "torch")
+    with pytest.raises(ValueError, match="one of"):
+        lora_api.make_backend("cuda", capacity, DEVICE)
 
 
 def test_empty_batch_and_no_slices_are_no_ops() -> None:

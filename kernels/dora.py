@@ -1,0 +1,38 @@
+"""DoRA's per-column factor, applied to the tokens of DoRA adapters after every LoRA delta of a projection.
+
+Semantics (PEFT's DoRA at inference, per module; ``out`` already holds ``W x + bias + s·B A x``)::
+
+    for each DoRA token t with factor row r:   out[t, cols] = f[r] ⊙ (out[t, cols] - bias) + bias
+
+Why after the deltas and on the fused output: the factor scales the base *and* the adapter term, while the bias
+stays outside; plain-LoRA tokens and base rows are not touched. Plain torch (index_select / index_copy_), so it
+runs on any device; computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def apply_dora_factors(
+    out: torch.Tensor,
+    tokens: torch.Tensor,
+    rows: torch.Tensor,
+    factors: torch.Tensor,
+    offset: int,
+    bias: torch.Tensor | None,
+) -> None:
+    """In place on ``out`` [T, H]: columns [offset, offset + width) of ``tokens`` [Td] scaled by ``factors[rows]``.
+
+    factors: float32 [F, width]; bias: the module's bias [width] or None.
+    """
+    width = int(factors.shape[1])
+    cols = out[:, offset : offset + width]
+    picked = cols.index_select(0, tokens).float()  # [Td, width]
+    f = factors.index_select(0, rows)  # [Td, width]
+    if bias is not None:
+        b = bias.float()
+        picked = (picked - b) * f + b
+    else:
+        picked = picked * f
+    cols.index_copy_(0, tokens, picked.to(out.dtype))
