@@ -258,6 +258,16 @@ def usage_chunk(
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
-    """One server-sent event: ``data: <json>`` (or a literal such as ``[DONE]``) and a blank line."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    """One server-sent event: ``data: <json>`` (or a literal such as ``[DONE]``) and a blank line.
+
+    SSE ends lines only at CR/LF, but many clients read events with ``str.splitlines`` semantics (httpx's
+    ``aiter_lines``, hence guidellm), which also break at U+0085, U+2028 and U+2029 — characters JSON leaves raw
+    in strings. They are written as ``\\uXXXX`` escapes (the same string once decoded), so every event stays one
+    line for those clients too; other non-ASCII text stays raw UTF-8.
+    """
+    if isinstance(payload, str):
+        data = payload
+    else:
+        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        data = data.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
     return f"data: {data}\n\n".encode()
