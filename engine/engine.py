@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -50,6 +51,10 @@ from loraplex.registry.spec import ModelSpec
 log = logging.getLogger(__name__)
 _IDLE_TICK_S = 0.02
 _STATS_PERIOD_S = 0.01
+# While requests are decoding, one loop iteration runs at most about this much command work before the next step
+# (the rest waits, in order, for the following iteration): a burst of adapter loads then delays running streams by
+# a step's worth, not by the whole burst.
+_DRAIN_BUDGET_S = 0.05
 T = TypeVar("T")
 
 
@@ -325,7 +330,7 @@ class LLMEngine:
             scheduled = self._step(events)
             self._publish(force=not scheduled)  # before delivering: a client that saw its delta sees the step too
             self._deliver(events)
-            if not scheduled:
+            if not scheduled and not self._commands:
                 self._wake.wait(_IDLE_TICK_S if self._core.has_work() else None)
 
     def _publish(self, force: bool = True) -> None:
@@ -347,7 +352,8 @@ class LLMEngine:
 
     def _drain(self) -> list[Event]:
         events: list[Event] = []
-        while self._commands:
+        deadline = time.monotonic() + _DRAIN_BUDGET_S if self._core.scheduler.running else math.inf
+        while self._commands and time.monotonic() < deadline:
             try:
                 events.extend(self._commands.popleft()())
             except Exception:  # one bad command must not stop the step thread
