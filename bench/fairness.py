@@ -93,7 +93,9 @@ def arrivals(rates: Sequence[float], refs: list[list[str]], args: argparse.Names
     return sorted(out, key=lambda s: s.at)
 
 
-async def send(stub: epb_grpc.EngineServiceStub, t0: float, sent: Sent) -> Received:
+async def send(stub: epb_grpc.EngineServiceStub, t0: float, sent: Sent, into: list[Received]) -> None:
+    """Stream one request; its record is in ``into`` from the moment it is sent, so a request cancelled before
+    its first token still counts (a scheduler that starves it must not look good for it)."""
     await asyncio.sleep(max(0.0, t0 + sent.at - time.perf_counter()))
     request = epb.GenerateStreamRequest(
         adapter=sent.adapter,
@@ -102,6 +104,7 @@ async def send(stub: epb_grpc.EngineServiceStub, t0: float, sent: Sent) -> Recei
         response=epb.ResponseOptions(token_ids=True),
     )
     got = Received(sent.tenant, time.perf_counter() - t0, None, [])
+    into.append(got)
     try:
         async for message in stub.GenerateStream(request, timeout=600):
             now = time.perf_counter() - t0
@@ -110,35 +113,33 @@ async def send(stub: epb_grpc.EngineServiceStub, t0: float, sent: Sent) -> Recei
             got.token_times += [now] * len(message.tokens)
     except grpc.aio.AioRpcError as exc:
         got.error = exc.code().name
-    return got
 
 
 async def scenario(stub: epb_grpc.EngineServiceStub, plan: list[Sent], tenants: int, grace: float) -> dict[str, Any]:
     """Send ``plan``; requests still running ``grace`` seconds after the last arrival are cancelled (an overload
     backlog would otherwise take minutes to drain on a CPU)."""
     t0 = time.perf_counter() + 0.05
-    received: list[Received] = []
-
-    async def tracked(sent: Sent) -> None:
-        received.append(await send(stub, t0, sent))
-
-    tasks = [asyncio.create_task(tracked(s)) for s in plan]
+    results: list[Received] = []
+    tasks = [asyncio.create_task(send(stub, t0, s, results)) for s in plan]
     _, pending = await asyncio.wait(tasks, timeout=max(s.at for s in plan) + grace)
+    cancelled_at = time.perf_counter() - t0
     for task in pending:
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
-    results = received
     last_send = [max((s.at for s in plan if s.tenant == t), default=0.0) for t in range(tenants)]
     window = min(last_send)  # every tenant still had requests to send until here: all backlogged
     served = [sum(1 for r in results if r.tenant == t for at in r.token_times if at <= window) for t in range(tenants)]
-    ttft = [[(r.first_at - r.sent_at) * 1000 for r in results if r.tenant == t and r.first_at] for t in range(tenants)]
+    # a request cancelled before its first token counts with the time it had waited (a lower bound)
+    ttft = [
+        [((r.first_at or cancelled_at) - r.sent_at) * 1000 for r in results if r.tenant == t] for t in range(tenants)
+    ]
     return {
         "window_s": window,
         "served_tokens": served,
         "ttft_p50_ms": [percentile(x, 50) if x else float("nan") for x in ttft],
         "ttft_p99_ms": [percentile(x, 99) if x else float("nan") for x in ttft],
         "requests": [sum(1 for s in plan if s.tenant == t) for t in range(tenants)],
-        "unfinished": len(plan) - len(results),
+        "no_first_token": [sum(1 for r in results if r.tenant == t and r.first_at is None) for t in range(tenants)],
         "errors": sum(1 for r in results if r.error),
     }
 
@@ -169,7 +170,8 @@ async def bench(args: argparse.Namespace, stack: Stack, work: Path) -> dict[str,
     print(f"| light alone | {alone['served_tokens']} | {a50[0]:.0f} | {a99[0]:.0f} | |")
     print(
         f"| light + heavy (10x) | {pair['served_tokens']} | {p50[0]:.0f} / {p50[1]:.0f} | {p99[0]:.0f} / {p99[1]:.0f} "
-        f"| light share {share:.1%}; light TTFT p99 {ttft_ratio:.2f}x alone |"
+        f"| light share {share:.1%}; light TTFT p99 {ttft_ratio:.2f}x alone; cancelled before a first token "
+        f"(light/heavy): {pair['no_first_token'][0]}/{pair['no_first_token'][1]} |"
     )
     print(f"| 8 equal tenants | {eight['served_tokens']} | | | Jain's index {index:.3f} |")
     return {
@@ -198,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--max-adapters-per-batch", type=int, default=64)
+    parser.add_argument("--gpu-adapter-bytes", type=int, default=None, help="self-started engine: pool budget")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     args.ranks = [8]

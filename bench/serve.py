@@ -147,9 +147,11 @@ def start_stack(args: argparse.Namespace, work: Path) -> Stack:
     eng = spawn(
         [
             *("engine", "serve", "--model", str(model_dir), "--base-model", BASE_MODEL, "--registry", registry),
-            *("--listen", "127.0.0.1:0", "--metrics-port", "0", "--log-level", "warning", "--dtype", "float32"),
+            *("--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--metrics-port", "0"),
+            *("--log-level", "warning", "--dtype", "float32"),
             *("--max-num-seqs", str(args.max_num_seqs), "--max-lora-rank", str(max(args.ranks))),
             *("--max-adapters-per-batch", str(args.max_adapters_per_batch)),
+            *(("--gpu-adapter-bytes", str(args.gpu_adapter_bytes)) if args.gpu_adapter_bytes else ()),
         ]
     )
     port = eng.wait_for(PORT_LINE, 300)
@@ -452,7 +454,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=256, help="self-started model: hidden size")
     parser.add_argument("--layers", type=int, default=4, help="self-started model: layers")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="self-started engine: batch size")
-    parser.add_argument("--max-adapters-per-batch", type=int, default=16, help="self-started engine: pool slots")
+    parser.add_argument("--max-adapters-per-batch", type=int, default=256, help="self-started engine: pool slots")
+    parser.add_argument(
+        "--gpu-adapter-bytes", type=int, default=None, help="self-started engine: device adapter pool budget (bytes)"
+    )
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     args.adapters = parse_ints(args.adapters, "--adapters")

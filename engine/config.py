@@ -47,7 +47,7 @@ class EngineConfig:
     lora_embeddings: bool = True
     host_adapter_bytes: int = 2 * 1024**3  # host tier budget (LRU; pinned and busy adapters stay)
     tenant_weights: tuple[tuple[str, float], ...] = ()  # fair-share weight per tenant (others: 1)
-    max_wait_s: float = 10.0  # a request waiting longer is admitted before fairness/affinity order
+    max_wait_s: float = 10.0  # a request waiting longer counts as top priority and holds its adapter's device room
     max_dora_adapters: int = 8  # DoRA adapters the device pool holds at once (one factor row per module each)
     # base projections: "nf4" / "int8" quantize an unquantized checkpoint at load; a checkpoint saved quantized
     # by transformers + bitsandbytes loads as saved with "none" (or its own method)

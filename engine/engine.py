@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -40,7 +41,7 @@ from loraplex.engine.adapters.host import HostAdapter
 from loraplex.engine.adapters.residency import AdapterInfo, ResidentView
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.core import EngineCore
-from loraplex.engine.request import Delta, GenerationRequest
+from loraplex.engine.request import Delta, GenerationRequest, merge_deltas
 from loraplex.engine.scheduler import Event, Failure
 from loraplex.engine.sequence import Sequence
 from loraplex.engine.stats import EngineStats, empty_stats
@@ -50,6 +51,10 @@ from loraplex.registry.spec import ModelSpec
 log = logging.getLogger(__name__)
 _IDLE_TICK_S = 0.02
 _STATS_PERIOD_S = 0.01
+# While requests are decoding, one loop iteration runs at most about this much command work before the next step
+# (the rest waits, in order, for the following iteration): a burst of adapter loads then delays running streams by
+# a step's worth, not by the whole burst.
+_DRAIN_BUDGET_S = 0.05
 T = TypeVar("T")
 
 
@@ -63,6 +68,11 @@ class _Stream:
     def push(self, item: Delta | BaseException) -> None:
         with contextlib.suppress(RuntimeError):  # the loop already closed: nobody is listening
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def _put_all(items: list[tuple[_Stream, Delta | BaseException]]) -> None:
+    for stream, item in items:
+        stream.queue.put_nowait(item)
 
 
 def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
@@ -256,6 +266,15 @@ class LLMEngine:
         try:
             while True:
                 item = await stream.queue.get()
+                while isinstance(item, Delta) and item.finish_reason is None and not stream.queue.empty():
+                    # The consumer fell behind: deltas already here go out as one (one message or SSE event
+                    # instead of several), which costs no latency and saves the door per-message work.
+                    following = stream.queue.get_nowait()
+                    if isinstance(following, BaseException):
+                        yield item
+                        item = following
+                        break
+                    item = merge_deltas(item, following)
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -311,7 +330,7 @@ class LLMEngine:
             scheduled = self._step(events)
             self._publish(force=not scheduled)  # before delivering: a client that saw its delta sees the step too
             self._deliver(events)
-            if not scheduled:
+            if not scheduled and not self._commands:
                 self._wake.wait(_IDLE_TICK_S if self._core.has_work() else None)
 
     def _publish(self, force: bool = True) -> None:
@@ -333,7 +352,8 @@ class LLMEngine:
 
     def _drain(self) -> list[Event]:
         events: list[Event] = []
-        while self._commands:
+        deadline = time.monotonic() + _DRAIN_BUDGET_S if self._core.scheduler.running else math.inf
+        while self._commands and time.monotonic() < deadline:
             try:
                 events.extend(self._commands.popleft()())
             except Exception:  # one bad command must not stop the step thread
@@ -357,12 +377,16 @@ class LLMEngine:
         return bool(step_events) or bool(self._core.scheduler.running)
 
     def _deliver(self, events: list[Event]) -> None:
-        for event in events:
-            with self._streams_lock:
+        """Hand a step's events to their streams: one wake-up per event loop per step, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, Delta | BaseException]]] = {}
+        with self._streams_lock:
+            for event in events:
                 stream = self._streams.get(event.request_id)
-                ended = isinstance(event, Failure) or event.finish_reason is not None
-                if ended:
+                if isinstance(event, Failure) or event.finish_reason is not None:
                     self._streams.pop(event.request_id, None)
-            if stream is None:
-                continue
-            stream.push(event.error if isinstance(event, Failure) else event)
+                if stream is not None:
+                    item = event.error if isinstance(event, Failure) else event
+                    by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop already closed: nobody is listening
+                loop.call_soon_threadsafe(_put_all, items)

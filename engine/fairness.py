@@ -4,17 +4,20 @@ Why its own object: admission order is policy (who goes first when capacity bind
 capacity (blocks, rows, tokens); keeping the policy here lets it be tested with a fake clock and no model.
 
 The order, one step at a time (``candidates``):
-  1. Aged: any request waiting longer than ``max_wait_s`` goes first, oldest first — nothing starves, whatever
-     the priorities, tenants or adapter affinity say.
-  2. Priority: a higher ``priority`` is admitted before any lower one.
-  3. Fairness between tenants at equal priority: the tenant with the least *virtual service* goes next (S-LoRA's
-     virtual token counter, VTC): every prompt or output token the engine computes for a tenant adds
-     ``1 / weight`` to its counter. A tenant that becomes active again has its counter lifted to the least
+  1. Priority: a higher ``priority`` is admitted before any lower one. Aging: a request waiting longer than
+     ``max_wait_s`` counts as the highest priority present (and goes first within its tenant, oldest first), so
+     a stream of higher-priority work cannot starve it.
+  2. Fairness between tenants at equal (effective) priority: the tenant with the least *virtual service* goes
+     next (S-LoRA's virtual token counter, VTC): every prompt or output token the engine computes for a tenant
+     adds ``1 / weight`` to its counter. A tenant that becomes active again has its counter lifted to the least
      counter among the active tenants — or, when none is active, to the counter of the last tenant that left —
      so neither idle time nor an idle engine is banked as credit.
-  4. FCFS within a tenant (at equal priority).
+  3. FCFS within a tenant (at equal priority).
+Aging never overrides tenant fairness: under sustained overload a flooding tenant's requests all age, and if aged
+requests simply went first the flood would take every admission and starve the light tenant it competes with.
 The caller may skip a candidate it cannot place (its adapter is not fetched yet, or no device room) without
-blocking the others; ``charge`` during the walk makes the next pick see the service just granted.
+blocking the others (an aged one's adapter is then held for it: see ``Scheduler._admit``); ``charge`` during the
+walk makes the next pick see the service just granted.
 """
 
 from __future__ import annotations
@@ -129,26 +132,36 @@ class FairQueue:
     def candidates(self) -> Iterator[Sequence]:
         """Waiting sequences in admission order (see the module docstring); safe to ``remove`` while walking."""
         now = self._clock()
-        aged = sorted((s for s in self if self.is_aged(s, now)), key=lambda s: s.arrival)
-        yield from aged
-        skip = set(aged)
-        position = dict.fromkeys(self._by_tenant, 0)
+        top = max((q[0].request.priority for q in self._by_tenant.values() if q), default=0)
+        aged = {
+            tenant: sorted((s for s in queue if self.is_aged(s, now)), key=lambda s: s.arrival)
+            for tenant, queue in self._by_tenant.items()
+        }
+        skip: set[Sequence] = set()
+        position = {tenant: [0, 0] for tenant in self._by_tenant}  # [next aged, next in queue order] per tenant
         while True:
             best: tuple[int, float, float] | None = None
             pick: Sequence | None = None
-            for tenant, start in position.items():
-                queue = self._by_tenant.get(tenant, [])
-                index = start
-                while index < len(queue) and queue[index] in skip:
-                    index += 1
-                position[tenant] = index
-                if index >= len(queue):
+            for tenant, cursor in position.items():
+                head = self._head(aged.get(tenant, []), cursor, 0, skip) or self._head(
+                    self._by_tenant.get(tenant, []), cursor, 1, skip
+                )
+                if head is None:
                     continue
-                head = queue[index]
-                key = (-head.request.priority, self.counter(tenant), head.arrival)
+                priority = top if self.is_aged(head, now) else head.request.priority
+                key = (-priority, self.counter(tenant), head.arrival)
                 if best is None or key < best:
                     best, pick = key, head
             if pick is None:
                 return
             skip.add(pick)
             yield pick
+
+    @staticmethod
+    def _head(queue: list[Sequence], cursor: list[int], which: int, skip: set[Sequence]) -> Sequence | None:
+        """The first entry of ``queue`` from ``cursor[which]`` not yet offered (advancing the cursor past those)."""
+        index = cursor[which]
+        while index < len(queue) and queue[index] in skip:
+            index += 1
+        cursor[which] = index
+        return queue[index] if index < len(queue) else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from loraplex.engine.sampling import SamplingParams
 
@@ -16,6 +17,7 @@ class FinishReason(enum.Enum):
     CANCELLED = "cancelled"  # abort(), or the consumer went away
 
 
+_T = TypeVar("_T")
 BASE_TENANT = "base"  # the fair-share tenant of base-model requests
 
 
@@ -51,3 +53,24 @@ class Delta:
     # per prompt token (None for the first, which nothing predicts) and the top alternatives of each.
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+def merge_deltas(first: Delta, second: Delta) -> Delta:
+    """``second`` appended to ``first`` (same request, in order): what one delta covering both steps would be."""
+
+    def joined(a: list[_T] | None, b: list[_T] | None) -> list[_T] | None:
+        return None if a is None and b is None else [*(a or []), *(b or [])]
+
+    return Delta(
+        request_id=first.request_id,
+        token_ids=[*first.token_ids, *second.token_ids],
+        text=first.text + second.text,
+        logprobs=joined(first.logprobs, second.logprobs),
+        top_logprobs=joined(first.top_logprobs, second.top_logprobs),
+        finish_reason=second.finish_reason,
+        usage=second.usage,
+        prompt_logprobs=first.prompt_logprobs if first.prompt_logprobs is not None else second.prompt_logprobs,
+        prompt_top_logprobs=(
+            first.prompt_top_logprobs if first.prompt_top_logprobs is not None else second.prompt_top_logprobs
+        ),
+    )

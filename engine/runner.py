@@ -91,7 +91,7 @@ class ModelRunner:
         logit_slots = [batch.items[b][0].slot for b in ctx.logits_seqs]
         unmerge = unmerge_logits = None
         merged = self.pool.merged_slot
-        if merged is not None:
+        if merged is not None and any(s != MERGED_SLOT for s in slots):  # a step of only merged rows negates nothing
             unmerge = LoRABatch.from_slots([merged if s != MERGED_SLOT else -1 for s in slots], self.device)
             unmerge_logits = LoRABatch.from_slots(
                 [merged if s != MERGED_SLOT else -1 for s in logit_slots], self.device
@@ -104,6 +104,8 @@ class ModelRunner:
         if dora:
             tokens = torch.tensor([t for t, _ in dora], dtype=torch.int64, device=self.device)
             dora_rows = torch.tensor([r for _, r in dora], dtype=torch.int64, device=self.device)
+        if unmerge is None and tokens is None:
+            return None
         return AdapterExtras(unmerge, unmerge_logits, tokens, dora_rows)
 
     def _forward(self, ctx: Context) -> torch.Tensor:
@@ -115,7 +117,7 @@ class ModelRunner:
         """float32 logits [N, vocab]: for each scheduled sequence in order, its trailing ``num_logits`` tokens'
         rows (by default one row per ``batch.sampled`` sequence, in that order)."""
         slices = self.slices(batch, num_logits)
-        if self.graphs is not None and not self._needs_extras(batch):
+        if self.graphs is not None and not self._needs_extras(batch):  # graphs capture no merge and no DoRA
             logits = self.graphs.run(slices)
             if logits is not None:
                 return logits

@@ -28,8 +28,15 @@ def apply_dora_factors(
     """
     width = int(factors.shape[1])
     cols = out[:, offset : offset + width]
-    picked = cols.index_select(0, tokens).float()  # [Td, width]
     f = factors.index_select(0, rows)  # [Td, width]
+    if out.dtype == torch.float32 and tokens.numel() == out.shape[0]:
+        # Every token is a DoRA token (``tokens`` is ascending, so it is 0..T-1): scale in place, no gather/scatter.
+        if bias is not None:
+            cols.sub_(bias).mul_(f).add_(bias)
+        else:
+            cols.mul_(f)
+        return
+    picked = cols.index_select(0, tokens).float()  # [Td, width]
     if bias is not None:
         b = bias.float()
         picked = (picked - b) * f + b
