@@ -100,7 +100,7 @@ class EngineSettings:
     max_queue: int = opt(1024, "requests in flight before RESOURCE_EXHAUSTED")
     tenant_weights: str = opt("", "fair-share weights per tenant, e.g. 'acme=2,beta=1' (unlisted tenants: 1)")
     max_wait_seconds: float = opt(
-        10.0, "a request waiting longer than this counts as top priority and is no longer passed over for adapter affinity"
+        10.0, "a request waiting longer than this counts as top priority and is not passed over for adapter affinity"
     )
     drain_seconds: float = opt(30.0, "on SIGTERM: stop admitting, let running requests finish this long, then end them")
     max_model_len: int | None = opt(None, "context length cap (default: the model's)")
