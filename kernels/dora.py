@@ -24,6 +24,7 @@ def apply_dora_factors(
 ) -> None:
     """In place on ``out`` [T, H]: columns [offset, offset + width) of ``tokens`` [Td] scaled by ``factors[rows]``.
 
+    tokens: int64 [Td], ascending and distinct (the runner lists them in step order); rows: int64 [Td];
     factors: float32 [F, width]; bias: the module's bias [width] or None.
     """
     width = int(factors.shape[1])
