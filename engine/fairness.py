@@ -12,6 +12,7 @@ The order, one step at a time (``candidates``):
      adds ``1 / weight`` to its counter. A tenant that becomes active again has its counter lifted to the least
      counter among the active tenants — or, when none is active, to the counter of the last tenant that left —
      so neither idle time nor an idle engine is banked as credit.
+     Equal counters (a tenant that just became active is lifted to the least one): fewer running requests first.
   3. FCFS within a tenant (at equal priority).
 Aging never overrides tenant fairness: under sustained overload a flooding tenant's requests all age, and if aged
 requests simply went first the flood would take every admission and starve the light tenant it competes with.
@@ -129,6 +130,16 @@ class FairQueue:
     def is_aged(self, seq: Sequence, now: float) -> bool:
         return now - seq.arrival >= self.max_wait_s
 
+    def effective_priority(self, seq: Sequence, now: float) -> int:
+        """``seq``'s priority, or the highest waiting priority once it has aged (what ``candidates`` ranks by)."""
+        if not self.is_aged(seq, now):
+            return seq.request.priority
+        top = max((q[0].request.priority for q in self._by_tenant.values() if q), default=seq.request.priority)
+        return max(top, seq.request.priority)
+
+    def active_tenants(self) -> set[str]:
+        return {*self._by_tenant, *self._running}
+
     def candidates(self) -> Iterator[Sequence]:
         """Waiting sequences in admission order (see the module docstring); safe to ``remove`` while walking."""
         now = self._clock()
@@ -140,7 +151,7 @@ class FairQueue:
         skip: set[Sequence] = set()
         position = {tenant: [0, 0] for tenant in self._by_tenant}  # [next aged, next in queue order] per tenant
         while True:
-            best: tuple[int, float, float] | None = None
+            best: tuple[int, float, int, float] | None = None
             pick: Sequence | None = None
             for tenant, cursor in position.items():
                 head = self._head(aged.get(tenant, []), cursor, 0, skip) or self._head(
@@ -149,7 +160,7 @@ class FairQueue:
                 if head is None:
                     continue
                 priority = top if self.is_aged(head, now) else head.request.priority
-                key = (-priority, self.counter(tenant), head.arrival)
+                key = (-priority, self.counter(tenant), self._running.get(tenant, 0), head.arrival)
                 if best is None or key < best:
                     best, pick = key, head
             if pick is None:

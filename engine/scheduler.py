@@ -10,13 +10,15 @@ Policy (one step):
      rows or a slot now, is skipped (others go on: adapter-aware packing); but once an *aged* sequence is blocked
      on the device, only its adapter (and base-model requests) are admitted until it runs, so busy adapters
      drain and it cannot starve. A sequence that cannot get KV blocks stops admission.
-  3. Every token scheduled is charged to its tenant's virtual counter (fair share by served tokens).
+  3. Every token scheduled is charged to its tenant's virtual counter (fair share by served tokens), once: the
+     recompute after a preemption is not charged again.
 Every capacity check (``can_allocate``, ``can_acquire``) happens before the matching commit. An adapter whose
 device load fails fails its own requests with the typed error and is dropped; the rest of the step goes on.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -128,6 +130,7 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.limits.max_num_batched_tokens
+        self._free_a_seat(budget)
         preempted = False
         order = sorted(self.running, key=_keep_order)
         for seq in order:
@@ -148,7 +151,12 @@ class Scheduler:
         if not preempted:
             self._admit(batch, budget)
         for seq, n in batch.items:
-            self.waiting.charge(seq.request.tenant, n)
+            # Service is what the tenant asked for: recomputing positions a preemption threw away is the engine's
+            # choice and is not charged again (else every preemption would tilt fairness against its victim).
+            end = seq.num_computed + n
+            if end > seq.num_charged:
+                self.waiting.charge(seq.request.tenant, end - max(seq.num_computed, seq.num_charged))
+                seq.num_charged = end
         self._mark_logits(batch)
         return batch
 
@@ -205,6 +213,59 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             batch.items.append((seq, n))
             budget -= n
+
+    def _free_a_seat(self, budget: int) -> None:
+        """With every sequence place taken, the first waiting request that could run may take the place of one
+        running sequence that ranks clearly below it (that one is preempted: freed and requeued in front).
+
+        Clearly below: a lower effective priority; or, at equal priority, a tenant holding more than its fair share
+        of places (``max_num_seqs`` / active tenants) with no less virtual service, while the waiting request's
+        tenant holds less than its share. Why: admission order alone cannot help a light tenant whose requests
+        arrive while a flooding tenant holds every place; without this its first token waits for some sequence
+        to finish. At most one per step, only when the request can then be admitted (token budget, KV blocks,
+        device room for its adapter), and a tenant at its fair share is never displaced, so equal tenants do not
+        trade places back and forth.
+        """
+        limit = self.limits.max_num_seqs
+        if budget == 0 or len(self.running) < limit or not len(self.waiting):
+            return
+        now = time.monotonic()
+        candidate = next((s for s in self.waiting.candidates() if self._could_run(s)), None)
+        if candidate is None:
+            return
+        queue = self.waiting
+        rank = queue.effective_priority(candidate, now)
+        seats = collections.Counter(s.request.tenant for s in self.running)
+        share = limit / max(1, len(queue.active_tenants()))
+        tenant = candidate.request.tenant
+        lower = [s for s in self.running if queue.effective_priority(s, now) < rank]
+        if not lower and seats[tenant] + 1 <= share:
+            lower = [
+                s
+                for s in self.running
+                if queue.effective_priority(s, now) == rank
+                and seats[s.request.tenant] > share
+                and queue.counter(s.request.tenant) >= queue.counter(tenant)
+            ]
+        if not lower:
+            return
+        victim = max(lower, key=lambda s: (-queue.effective_priority(s, now), seats[s.request.tenant], s.arrival))
+        needed = self.blocks.needed(candidate.block_table, candidate.num_computed + min(candidate.num_pending, budget))
+        if needed <= self.blocks.num_free + len(victim.block_table):
+            self._preempt(victim)
+
+    def _could_run(self, seq: Sequence) -> bool:
+        """Whether ``seq`` could be admitted once a sequence place is free: its adapter is in the host tier and
+        already running or placeable on the device (without counting on the place's current holder)."""
+        key = seq.adapter_key
+        if key is None or key == self.merged_key:
+            return True
+        if not self.residency.has(key):
+            return False
+        adapters = {s.adapter_key for s in self.running if s.adapter_key is not None}
+        if key in adapters:
+            return True
+        return len(adapters) < self.limits.max_adapters_per_step and self.residency.can_acquire(key)
 
     def _stage_ahead(self, first: Sequence, rest: Iterator[Sequence], batch: ScheduledBatch) -> None:
         """The next waiting requests' adapters go to free device rows now, so admission only references them."""

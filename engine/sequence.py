@@ -36,6 +36,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    num_charged: int = 0  # positions already charged to the tenant: a recompute after preemption is not re-charged
     # Prompt logprobs gathered so far (entry i scores prompt token i + 1), until delivered once.
     prompt_lp: list[float] = field(default_factory=list)
     prompt_top: list[list[tuple[int, float]]] = field(default_factory=list)
