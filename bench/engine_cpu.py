@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_models import llama_shaped_dims
 
 from loraplex.engine.adapters.host import HostAdapter
 from loraplex.engine.config import EngineConfig
@@ -292,18 +293,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    heads = max(8, args.hidden // 64)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        dims = dict(
-            hidden_size=args.hidden,
-            intermediate_size=-(-args.hidden * 8 // 3 // 64) * 64,
-            num_hidden_layers=args.layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads // 2,
-            max_position_embeddings=512,
-            vocab_size=args.vocab,
-        )
+        dims = llama_shaped_dims(args.hidden, args.layers, args.vocab)
         model_dir = build_model(root / "model", arch="llama", **dims)
         word_tokenizer(model_dir, args.vocab)
         adapters = {name: build_adapter(model_dir, root / name, spec) for name, spec in ZOO.items()}
@@ -338,7 +330,8 @@ def main() -> None:
     lo, ba = Rate.best(lora), Rate.best(base)
     print(
         f"model: llama hidden={args.hidden} inter={dims['intermediate_size']} layers={args.layers} "
-        f"heads={heads}/{heads // 2} vocab={args.vocab}; {args.requests} requests, prompt "
+        f"heads={dims['num_attention_heads']}/{dims['num_key_value_heads']} vocab={args.vocab}; "
+        f"{args.requests} requests, prompt "
         f"{min(lengths)}..{max(lengths)} (sum {sum(lengths)}), new tokens {min(new_tokens)}..{max(new_tokens)} "
         f"(sum {sum(new_tokens)}), {len(adapters)} adapters (ranks 4..64), threads={args.threads}, "
         f"best of {args.repeats}"

@@ -50,6 +50,7 @@ from loraplex.engine.v1 import engine_service_pb2 as epb
 from loraplex.engine.v1 import engine_service_pb2_grpc as epb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import small_llama
 from registry_io import free_port, percentile, process_cpu_seconds
 from serve import BASE_MODEL, METRICS_LINE, PORT_LINE, Proc, _register, evict_all, pick_adapters, push_adapters, spawn
 
@@ -251,26 +252,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
-    from loraplex.services.demo_assets import build_model
-
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # torch threads of every engine spawned below
     procs: list[Proc] = []
     proxies: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-fleet-") as tmp:
         work = Path(tmp)
         try:
-            model_dir = work / "model"
-            heads = max(2, args.hidden // 64)
-            build_model(
-                model_dir,
-                "llama",
-                hidden_size=args.hidden,
-                intermediate_size=2 * args.hidden,
-                num_hidden_layers=args.layers,
-                num_attention_heads=heads,
-                num_key_value_heads=max(1, heads // 2),
-                max_position_embeddings=max(256, 2 * (args.prompt_len + args.new_tokens)),
-            )
+            positions = max(256, 2 * (args.prompt_len + args.new_tokens))
+            model_dir = small_llama(work / "model", args.hidden, args.layers, positions)
             reg = spawn(
                 [
                     *("registry", "serve", "--listen", "127.0.0.1:0", "--db", f"sqlite:///{work}/registry.db"),

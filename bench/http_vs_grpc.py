@@ -57,6 +57,7 @@ from loraplex.engine.v1 import engine_service_pb2 as epb
 from loraplex.engine.v1 import engine_service_pb2_grpc as epb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import small_llama
 from registry_io import percentile
 from serve import BASE_MODEL, METRICS_LINE, PORT_LINE, Stack, _register, push_adapters, spawn
 
@@ -114,20 +115,7 @@ def free_port() -> int:
 
 def build_random_llama(args: argparse.Namespace, out: Path) -> Path:
     """serve.py's model: a random Llama with a byte-level BPE tokenizer (any text tokenizes: guidellm needs that)."""
-    from loraplex.services.demo_assets import build_model
-
-    heads = max(2, args.hidden // 64)
-    build_model(
-        out,
-        "llama",
-        hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=max(256, 2 * (args.max_len + args.output_len)),
-    )
-    return out
+    return small_llama(out, args.hidden, args.layers, max(256, 2 * (args.max_len + args.output_len)))
 
 
 def cpu_seconds(pid: int | None, thread: int | None = None) -> float:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_models import llama_shaped
 
 from loraplex.engine.adapters.host import HostAdapter
 from loraplex.engine.adapters.types import ModuleLoRA
@@ -42,7 +43,7 @@ from loraplex.engine.config import EngineConfig
 from loraplex.engine.core import EngineCore
 from loraplex.engine.request import GenerationRequest
 from loraplex.engine.sampling import SamplingParams
-from loraplex.services.demo_assets import ALL_LINEAR, build_model
+from loraplex.services.demo_assets import ALL_LINEAR
 
 RANKS = (8, 16, 32)
 SEQS = 64
@@ -219,19 +220,8 @@ def main() -> None:
     if args.calibrate:
         calibrate(args.hidden, args.repeats)
         return
-    heads = max(8, args.hidden // 64)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_model(
-            Path(tmp) / "model",
-            arch="llama",
-            hidden_size=args.hidden,
-            intermediate_size=-(-args.hidden * 8 // 3 // 64) * 64,
-            num_hidden_layers=args.layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads // 2,
-            max_position_embeddings=512,
-            vocab_size=args.vocab,
-        )
+        model_dir = llama_shaped(Path(tmp) / "model", args.hidden, args.layers, args.vocab)
         run(model_dir, 2, 8, 2, args.vocab)  # warm-up
         best: dict[int, Timings] = {}
         for _ in range(args.repeats):

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from bench_models import small_llama
 
 from loraplex.engine.adapters.host import HostAdapter
 from loraplex.engine.adapters.mix import Mix, MixMember, MixMethod, mix_modules
@@ -32,7 +33,7 @@ from loraplex.engine.config import EngineConfig
 from loraplex.engine.core import EngineCore
 from loraplex.engine.request import GenerationRequest
 from loraplex.engine.sampling import SamplingParams
-from loraplex.services.demo_assets import ALL_LINEAR, build_model
+from loraplex.services.demo_assets import ALL_LINEAR
 
 
 def synthetic(core: EngineCore, rank: int, seed: int, dora: bool = False) -> HostAdapter:
@@ -90,17 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_model(
-            Path(tmp) / "model",
-            "llama",
-            hidden_size=args.hidden,
-            intermediate_size=2 * args.hidden,
-            num_hidden_layers=args.layers,
-            num_attention_heads=max(2, args.hidden // 64),
-            num_key_value_heads=max(1, args.hidden // 128),
-            vocab_size=args.vocab,
-            max_position_embeddings=256,
-        )
+        model_dir = small_llama(Path(tmp) / "model", args.hidden, args.layers, vocab_size=args.vocab)
         config = EngineConfig(
             model_dir=model_dir,
             dtype="float32",

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_models import llama_shaped
 from engine_cpu import ZOO, word_tokenizer
 
 from loraplex.engine.adapters.host import HostAdapter
@@ -46,7 +47,7 @@ from loraplex.engine.model.quant_linear import QuantizedLinear
 from loraplex.engine.model.quant_nf4 import quantize_nf4
 from loraplex.engine.request import GenerationRequest
 from loraplex.engine.sampling import SamplingParams
-from loraplex.services.demo_assets import build_adapter, build_model
+from loraplex.services.demo_assets import build_adapter
 
 METHODS = ("none", "int8", "nf4")
 
@@ -149,21 +150,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    heads = max(8, args.hidden // 64)
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model_dir = build_model(
-            root / "model",
-            arch="llama",
-            hidden_size=args.hidden,
-            intermediate_size=-(-args.hidden * 8 // 3 // 64) * 64,
-            num_hidden_layers=args.layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads // 2,
-            max_position_embeddings=512,
-            vocab_size=args.vocab,
-        )
+        model_dir = llama_shaped(root / "model", args.hidden, args.layers, args.vocab)
         word_tokenizer(model_dir, args.vocab)
         adapters = {name: build_adapter(model_dir, root / name, spec) for name, spec in ZOO.items()}
         g = torch.Generator().manual_seed(0)

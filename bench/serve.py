@@ -51,6 +51,7 @@ from loraplex.registry.client import RegistryClient
 from loraplex.registry.spec import ModelSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import small_llama
 from registry_io import LINEAR, adapter_config_json, adapter_tensors, percentile, write_safetensors
 
 POPULARITY = ("distinct", "uniform", "zipf", "identical")
@@ -121,20 +122,7 @@ class Stack:
 
 def start_stack(args: argparse.Namespace, work: Path) -> Stack:
     """Registry + engine subprocesses on loopback with a small random Llama (built here, on CPU)."""
-    from loraplex.services.demo_assets import build_model
-
-    model_dir = work / "model"
-    heads = max(2, args.hidden // 64)
-    build_model(
-        model_dir,
-        "llama",
-        hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=max(256, 2 * args.max_len + 16),
-    )
+    model_dir = small_llama(work / "model", args.hidden, args.layers, max(256, 2 * args.max_len + 16))
     reg = spawn(
         [
             *("registry", "serve", "--listen", "127.0.0.1:0", "--db", f"sqlite:///{work}/registry.db"),
