@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,28 @@ def peft_model(model_dir: Path, adapters: Mapping[str, Path]) -> Any:
 def until_eos(ids: list[int], eos: int) -> list[int]:
     """HF pads finished rows; keep tokens up to and including the first EOS."""
     return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+def per_row_oracle(
+    model: Any, rows: list[tuple[str, list[int]]], new_tokens: int, eos: int
+) -> list[tuple[list[int], list[torch.Tensor]]]:
+    """Per row, one at a time with its adapter set (``BASE``: adapters disabled): PEFT's greedy tokens and its
+    logits at the prefill and each decode step. For adapters PEFT's mixed-batch ``generate`` does not take (DoRA)."""
+    out: list[tuple[list[int], list[torch.Tensor]]] = []
+    for name, prompt in rows:
+        if name != BASE:
+            model.set_adapter(name)
+        with torch.no_grad(), model.disable_adapter() if name == BASE else contextlib.nullcontext():
+            result = model.generate(
+                torch.tensor([prompt]),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        ids = until_eos(result.sequences[0, len(prompt) :].tolist(), eos)
+        out.append((ids, [step[0].float() for step in result.logits]))
+    return out
 
 
 def assert_mixed_batch_matches(

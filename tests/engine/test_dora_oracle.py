@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from loraplex.services.demo_assets import ALL_LINEAR, AdapterSpec, build_adapter
-from tests.engine.helpers import BASE, drive, make_core, prompts, request, tokens, until_eos
+from tests.engine.helpers import BASE, drive, make_core, peft_model, per_row_oracle, prompts, request, tokens
 from tests.fixtures.hf import ARCHITECTURES
 from tests.fixtures.peft_variants import build_dora_adapter, build_model_with_biases
 
@@ -45,51 +45,12 @@ def dora_zoo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return model, adapters
 
 
-def _oracle(
-    model_dir: Path, adapters: dict[str, Path], rows: list[tuple[str, list[int]]]
-) -> list[tuple[list[int], list[torch.Tensor]]]:
-    """Per row: PEFT's greedy tokens and its logits at the prefill and each decode step, adapter set per row."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    names = list(adapters)
-    model = PeftModel.from_pretrained(base, str(adapters[names[0]]), adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(str(adapters[name]), adapter_name=name)
-    model.eval()
-    out: list[tuple[list[int], list[torch.Tensor]]] = []
-    for name, prompt in rows:
-        with torch.no_grad():
-            if name == BASE:
-                with model.disable_adapter():
-                    result = model.generate(
-                        torch.tensor([prompt]),
-                        do_sample=False,
-                        max_new_tokens=NEW_TOKENS,
-                        output_logits=True,
-                        return_dict_in_generate=True,
-                    )
-            else:
-                model.set_adapter(name)
-                result = model.generate(
-                    torch.tensor([prompt]),
-                    do_sample=False,
-                    max_new_tokens=NEW_TOKENS,
-                    output_logits=True,
-                    return_dict_in_generate=True,
-                )
-        ids = until_eos(result.sequences[0, len(prompt) :].tolist(), EOS)
-        out.append((ids, [step[0].float() for step in result.logits]))
-    return out
-
-
 def test_dora_in_a_mixed_batch_matches_peft(dora_zoo: tuple[Path, dict[str, Path]]) -> None:
     model_dir, adapters = dora_zoo
     names = [*adapters, BASE, "dora-all-r8"]
     batch = prompts(len(names), PROMPT_LEN, seed=13)
     rows = list(zip(names, batch, strict=True))
-    want = _oracle(model_dir, adapters, rows)
+    want = per_row_oracle(peft_model(model_dir, adapters), rows, NEW_TOKENS, EOS)
 
     core = make_core(model_dir, adapters)
     reqs = [request(f"r{i}", p, n, max_new_tokens=NEW_TOKENS) for i, (n, p) in enumerate(rows)]

@@ -35,7 +35,15 @@ from loraplex.engine.model.quant_int8 import dequantize_int8, quantize_int8
 from loraplex.engine.model.quant_linear import NF4Part, QuantizedLinear
 from loraplex.engine.model.quant_nf4 import block_scales, dynamic_map, nf4_code, quantize_nf4
 from loraplex.registry.errors import InvalidArgument
-from tests.engine.helpers import BASE, assert_mixed_batch_matches, drive, prompts, request, tokens, until_eos
+from tests.engine.helpers import (
+    BASE,
+    assert_mixed_batch_matches,
+    drive,
+    per_row_oracle,
+    prompts,
+    request,
+    tokens,
+)
 
 NEW_TOKENS = 6
 PROMPT_LEN = 7
@@ -354,17 +362,7 @@ def test_nf4_dora_with_lora_and_base_rows_matches_peft(
     names = ["dora", "lora", BASE, "dora"]
     batch = prompts(len(names), PROMPT_LEN, seed=9)
     model = oracle(model_dir, adapters, "nf4")
-    want: list[tuple[list[int], list[torch.Tensor]]] = []
-    for name, prompt in zip(names, batch, strict=True):
-        kwargs: dict[str, Any] = dict(do_sample=False, max_new_tokens=NEW_TOKENS, output_logits=True)
-        with torch.no_grad():
-            if name == BASE:
-                with model.disable_adapter():
-                    out = model.generate(torch.tensor([prompt]), return_dict_in_generate=True, **kwargs)
-            else:
-                model.set_adapter(name)
-                out = model.generate(torch.tensor([prompt]), return_dict_in_generate=True, **kwargs)
-        want.append((until_eos(out.sequences[0, PROMPT_LEN:].tolist(), EOS), [s[0].float() for s in out.logits]))
+    want = per_row_oracle(model, list(zip(names, batch, strict=True)), NEW_TOKENS, EOS)
     core = quant_core(model_dir, adapters, "nf4")
     reqs = [
         request(f"r{i}", p, n, max_new_tokens=NEW_TOKENS) for i, (n, p) in enumerate(zip(names, batch, strict=True))
