@@ -59,7 +59,7 @@ from loraplex.engine.v1 import engine_service_pb2_grpc as epb_grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import small_llama
 from registry_io import percentile
-from serve import BASE_MODEL, METRICS_LINE, PORT_LINE, Stack, _register, push_adapters, spawn
+from serve import BASE_MODEL, METRICS_LINE, PORT_LINE, Stack, _register, parse_positive, push_adapters, spawn
 
 DOORS = ("grpc", "http")
 
@@ -427,16 +427,6 @@ async def bench(args: argparse.Namespace, engine: Engine, work: Path) -> dict[st
     return {"unloaded": unloaded, "loads": loads, "base_model": info.base_model, "adapters": refs}
 
 
-def parse_floats(text: str, what: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SystemExit(f"{what} must be comma-separated numbers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise SystemExit(f"{what} must be positive numbers")
-    return values
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rates", default="2,6,20", help="Poisson arrival rates, requests/s (below → above capacity)")
@@ -459,7 +449,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidellm-seconds", type=float, default=15.0, help="guidellm: seconds per rate")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    args.rates = parse_floats(args.rates, "--rates")
+    args.rates = parse_positive(args.rates, "--rates", float)
     if not 1 <= args.min_len <= args.max_len or args.output_len < 2:
         parser.error("need 1 <= --min-len <= --max-len and --output-len >= 2")
     if args.requests < 1 or args.rounds < 1 or args.adapters < 0 or args.pairs < 0:

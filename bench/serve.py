@@ -38,10 +38,10 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -59,6 +59,7 @@ PORT_LINE = re.compile(r"listening on port (\d+)")
 METRICS_LINE = re.compile(r"metrics on port (\d+)")
 LOAD_METRIC = "loraplex_adapter_load_seconds"
 BASE_MODEL = "bench-serve"
+N = TypeVar("N", int, float)
 ADAPTER_NS = "bench"
 
 
@@ -414,13 +415,15 @@ async def bench(args: argparse.Namespace, stack: Stack, work: Path) -> dict[str,
     }
 
 
-def parse_ints(text: str, what: str) -> list[int]:
+def parse_positive(text: str, what: str, kind: Callable[[str], N] = int) -> list[N]:
+    """A comma-separated list of positive ``kind`` values (a flag's value); exits with a message naming ``what``."""
+    noun = "integers" if kind is int else "numbers"
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"{what} must be comma-separated integers, got {text!r}") from None
+        raise SystemExit(f"{what} must be comma-separated {noun}, got {text!r}") from None
     if not values or any(v <= 0 for v in values):
-        raise SystemExit(f"{what} must be positive integers")
+        raise SystemExit(f"{what} must be positive {noun}")
     return values
 
 
@@ -448,8 +451,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    args.adapters = parse_ints(args.adapters, "--adapters")
-    args.ranks = parse_ints(args.ranks, "--ranks")
+    args.adapters = parse_positive(args.adapters, "--adapters")
+    args.ranks = parse_positive(args.ranks, "--ranks")
     args.popularity = [p.strip() for p in args.popularity.split(",") if p.strip()]
     unknown = set(args.popularity) - set(POPULARITY)
     if unknown or not args.popularity:
