@@ -172,7 +172,7 @@ class Scheduler:
             batch.num_logits.append(n if scores_prompt else int(samples))
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
-        adapters = {seq.adapter_key for seq in self.running if seq.adapter_key is not None}
+        adapters = self._running_adapters()
         reserved: str | None = None  # an aged request's adapter that is blocked on the device: it goes next
         now = time.monotonic()
         candidates = self.waiting.candidates()
@@ -188,8 +188,7 @@ class Scheduler:
             if key is not None:
                 if not self.residency.has(key) or (reserved is not None and key != reserved):
                     continue  # not fetched yet, or holding back for an aged request
-                full = key not in adapters and len(adapters) >= self.limits.max_adapters_per_step
-                if full or not self.residency.can_acquire(key):
+                if not self._fits_device(key, adapters):
                     if self.waiting.is_aged(seq, now) and reserved is None:
                         reserved = key
                     continue
@@ -230,7 +229,8 @@ class Scheduler:
         if budget == 0 or len(self.running) < limit or not len(self.waiting):
             return
         now = time.monotonic()
-        candidate = next((s for s in self.waiting.candidates() if self._could_run(s)), None)
+        adapters = self._running_adapters()
+        candidate = next((s for s in self.waiting.candidates() if self._could_run(s, adapters)), None)
         if candidate is None:
             return
         queue = self.waiting
@@ -254,18 +254,22 @@ class Scheduler:
         if needed <= self.blocks.num_free + len(victim.block_table):
             self._preempt(victim)
 
-    def _could_run(self, seq: Sequence) -> bool:
+    def _could_run(self, seq: Sequence, adapters: set[str]) -> bool:
         """Whether ``seq`` could be admitted once a sequence place is free: its adapter is in the host tier and
-        already running or placeable on the device (without counting on the place's current holder)."""
+        fits on the device (without counting on the place's current holder)."""
         key = seq.adapter_key
         if key is None or key == self.merged_key:
             return True
-        if not self.residency.has(key):
-            return False
-        adapters = {s.adapter_key for s in self.running if s.adapter_key is not None}
-        if key in adapters:
-            return True
-        return len(adapters) < self.limits.max_adapters_per_step and self.residency.can_acquire(key)
+        return self.residency.has(key) and self._fits_device(key, adapters)
+
+    def _running_adapters(self) -> set[str]:
+        return {seq.adapter_key for seq in self.running if seq.adapter_key is not None}
+
+    def _fits_device(self, key: str, adapters: set[str]) -> bool:
+        """``key`` (host-resident) can join a step whose running sequences use ``adapters``: within the per-step
+        adapter limit, and with device rows and a slot for it (evicting idle residents if need be)."""
+        within_limit = key in adapters or len(adapters) < self.limits.max_adapters_per_step
+        return within_limit and self.residency.can_acquire(key)
 
     def _stage_ahead(self, first: Sequence, rest: Iterator[Sequence], batch: ScheduledBatch) -> None:
         """The next waiting requests' adapters go to free device rows now, so admission only references them."""
